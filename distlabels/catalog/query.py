@@ -1,0 +1,660 @@
+"""Read a label catalog: safe ``--where`` expressions, cone searches that prune sky pixels, output.
+
+A ``--where`` string is parsed with :mod:`ast` and translated node by node into a
+:class:`pyarrow.compute.Expression`; nothing is ever evaluated by Python, so an expression can
+only read columns. Cone searches open only the ``Npix=N`` directories that can touch the cone
+and then keep rows by exact angular separation.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from distlabels import paths
+from distlabels.errors import QueryError, StoreError
+
+__all__ = ["Catalog", "open_catalog", "parse_where", "format_table", "angular_separation"]
+
+PARTITION_COLUMNS = ("Norder", "Dir", "Npix")
+FUNCTIONS = ("abs", "isnan", "isnull")
+MAX_EXPR_CHARS = 10_000
+_ALLOWED = ("use columns, constants, comparisons, and/or/not, + - * /, abs(), isnan(), isnull(), "
+            "bit tests like flags & 4 == 0 and x in (a, b)")
+_CMP = {ast.Eq: pc.equal, ast.NotEq: pc.not_equal, ast.Lt: pc.less, ast.LtE: pc.less_equal,
+        ast.Gt: pc.greater, ast.GtE: pc.greater_equal}
+_ARITH = {ast.Add: pc.add, ast.Sub: pc.subtract, ast.Mult: pc.multiply, ast.Div: pc.divide}
+_OP_SYMBOL = {ast.Pow: "**", ast.Mod: "%", ast.FloorDiv: "//", ast.LShift: "<<", ast.RShift: ">>",
+              ast.BitXor: "^", ast.MatMult: "@"}
+
+
+# ---------------------------------------------------------------------------------------------
+# --where parsing
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Term:
+    """A translated sub-expression, its Arrow type (None if unknown) and its literal value.
+
+    ``const`` holds the Python value of a literal so that it can be cast to the column's type:
+    ``teff > 0.1`` then compares in float32 like numpy does, not in float64.
+    """
+
+    expr: pc.Expression
+    type: pa.DataType | None
+    const: Any = None
+    is_const: bool = False
+
+
+def _kind(t: pa.DataType | None) -> str:
+    if t is None:
+        return "unknown"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "str"
+    return "other"
+
+
+def _unknown_column(name: str, columns: Sequence[str], where: str) -> QueryError:
+    close = difflib.get_close_matches(name, list(columns), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return QueryError(f"unknown column '{name}' in {where}{hint}; available: {', '.join(columns)}.")
+
+
+class _Translator:
+    """Walks a parsed expression and builds the Arrow expression; rejects everything else."""
+
+    def __init__(self, source: str, columns: Sequence[str], types: Mapping[str, pa.DataType]):
+        self.source = source
+        self.columns = list(columns)
+        self.types = types
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _snippet(self, node: ast.AST) -> str:
+        seg = ast.get_source_segment(self.source, node) or type(node).__name__
+        return seg if len(seg) <= 60 else seg[:57] + "..."
+
+    def _parenthesized(self, node: ast.AST) -> bool:
+        line = self.source.splitlines()[node.lineno - 1].encode()  # offsets count UTF-8 bytes
+        return line[:node.col_offset].decode(errors="ignore").rstrip().endswith("(")
+
+    def _forbid(self, what: str, node: ast.AST) -> QueryError:
+        return QueryError(f"--where does not allow {what} ({self._snippet(node)!r}); {_ALLOWED}.")
+
+    def _literal(self, value: Any, node: ast.AST) -> _Term:
+        if isinstance(value, bool):
+            return _Term(pc.scalar(value), pa.bool_(), value, True)
+        if isinstance(value, int):
+            return _Term(pc.scalar(value), pa.int64(), value, True)
+        if isinstance(value, float):
+            return _Term(pc.scalar(value), pa.float64(), value, True)
+        if isinstance(value, str):
+            return _Term(pc.scalar(value), pa.string(), value, True)
+        if value is None:
+            raise self._forbid("None (use isnull(x) to find missing values)", node)
+        raise self._forbid(f"a constant of type {type(value).__name__}", node)
+
+    @staticmethod
+    def _match(a: _Term, b: _Term) -> tuple[pc.Expression, pc.Expression]:
+        """Cast a numeric literal to the float type of the other side (numpy-like precision)."""
+        ea, eb = a.expr, b.expr
+        if a.is_const and not b.is_const and _kind(b.type) == "float" and _kind(a.type) in ("int", "float"):
+            ea = pc.scalar(pa.scalar(float(a.const), type=b.type))
+        if b.is_const and not a.is_const and _kind(a.type) == "float" and _kind(b.type) in ("int", "float"):
+            eb = pc.scalar(pa.scalar(float(b.const), type=a.type))
+        return ea, eb
+
+    def _require(self, term: _Term, kinds: tuple[str, ...], what: str, node: ast.AST) -> None:
+        k = _kind(term.type)
+        if k != "unknown" and k not in kinds:
+            raise QueryError(f"{what} in --where needs {' or '.join(kinds)} operands, but "
+                             f"{self._snippet(node)!r} is {term.type}.")
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def visit(self, node: ast.AST) -> _Term:
+        method = getattr(self, f"visit_{type(node).__name__}", None)
+        if method is None:
+            raise self._forbid(_describe(node), node)
+        return method(node)
+
+    def visit_Expression(self, node: ast.Expression) -> _Term:
+        return self.visit(node.body)
+
+    def visit_Name(self, node: ast.Name) -> _Term:
+        if node.id not in self.columns and node.id not in PARTITION_COLUMNS:
+            raise _unknown_column(node.id, self.columns, "--where")
+        return _Term(pc.field(node.id), self.types.get(node.id))
+
+    def visit_Constant(self, node: ast.Constant) -> _Term:
+        return self._literal(node.value, node)
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> _Term:
+        terms = [self.visit(v) for v in node.values]
+        for v, t in zip(node.values, terms):
+            self._require(t, ("bool",), "'and'/'or'", v)
+        fn = pc.and_kleene if isinstance(node.op, ast.And) else pc.or_kleene
+        out = terms[0].expr
+        for t in terms[1:]:
+            out = fn(out, t.expr)
+        return _Term(out, pa.bool_())
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> _Term:
+        t = self.visit(node.operand)
+        if isinstance(node.op, ast.Not):
+            self._require(t, ("bool",), "'not'", node.operand)
+            return _Term(pc.invert(t.expr), pa.bool_())
+        if isinstance(node.op, ast.Invert):
+            if _kind(t.type) == "int":  # ~ on an integer column is a bit flip, not a negation
+                return _Term(pc.bit_wise_not(t.expr), t.type)
+            self._require(t, ("bool",), "'~'", node.operand)
+            return _Term(pc.invert(t.expr), pa.bool_())
+        self._require(t, ("int", "float"), "unary minus", node.operand)
+        if isinstance(node.op, ast.UAdd):
+            return t
+        if t.is_const:  # fold -5 so that it is still a literal for type matching
+            return self._literal(-t.const, node)
+        return _Term(pc.negate(t.expr), t.type)
+
+    def visit_BinOp(self, node: ast.BinOp) -> _Term:
+        if isinstance(node.op, (ast.BitAnd, ast.BitOr)):
+            return self._bitop(node)
+        if type(node.op) not in _ARITH:
+            raise self._forbid(f"the operator '{_OP_SYMBOL.get(type(node.op), '?')}'", node)
+        a, b = self.visit(node.left), self.visit(node.right)
+        self._require(a, ("int", "float"), "arithmetic", node.left)
+        self._require(b, ("int", "float"), "arithmetic", node.right)
+        if a.is_const and b.is_const:  # plain number arithmetic, folded without eval
+            try:
+                value = _fold(node.op, a.const, b.const)
+            except ZeroDivisionError:
+                raise QueryError(f"division by zero in --where ({self._snippet(node)!r}).") from None
+            return self._literal(value, node)
+        ea, eb = self._match(a, b)
+        out_type = _arith_type(a, b)
+        if isinstance(node.op, ast.Div) and _kind(out_type) in ("int", "unknown"):
+            # Arrow divides integers with truncation; --where follows Python's true division
+            ea, out_type = ea.cast(pa.float64()), pa.float64()
+        return _Term(_ARITH[type(node.op)](ea, eb), out_type)
+
+    def _bitop(self, node: ast.BinOp) -> _Term:
+        a, b = self.visit(node.left), self.visit(node.right)
+        ka, kb = _kind(a.type), _kind(b.type)
+        sym = "&" if isinstance(node.op, ast.BitAnd) else "|"
+        if "bool" in (ka, kb):  # (a > 1) & (b < 2): logical
+            self._require(a, ("bool",), f"'{sym}'", node.left)
+            self._require(b, ("bool",), f"'{sym}'", node.right)
+            fn = pc.and_kleene if sym == "&" else pc.or_kleene
+            return _Term(fn(a.expr, b.expr), pa.bool_())
+        if ka in ("int", "unknown") and kb in ("int", "unknown"):
+            fn = pc.bit_wise_and if sym == "&" else pc.bit_wise_or
+            return _Term(fn(a.expr, b.expr), a.type if not a.is_const else b.type)
+        raise QueryError(f"'{sym}' in --where is a bit test on integers or a logical operator on "
+                         f"conditions, but {self._snippet(node)!r} mixes other types; put "
+                         "comparisons in parentheses, e.g. (teff > 5000) & (logg < 3).")
+
+    def visit_Compare(self, node: ast.Compare) -> _Term:
+        for mid in node.comparators[:-1]:  # 'a > 1 & b < 2' parses as 'a > (1 & b) < 2'
+            if isinstance(mid, ast.BinOp) and isinstance(mid.op, (ast.BitAnd, ast.BitOr)) \
+                    and not self._parenthesized(mid):
+                raise QueryError(f"'&' and '|' bind tighter than comparisons in --where "
+                                 f"({self._snippet(node)!r}); put each comparison in parentheses, "
+                                 "e.g. (teff > 5000) & (logg < 3), or use and/or.")
+        left = self.visit(node.left)
+        parts: list[pc.Expression] = []
+        for op, right_node in zip(node.ops, node.comparators):
+            if isinstance(op, (ast.In, ast.NotIn)):
+                parts.append(self._isin(left, op, right_node, node))
+                left = None  # type: ignore[assignment]
+                continue
+            if left is None:
+                raise self._forbid("a comparison chained after 'in'", node)
+            if type(op) not in _CMP:
+                raise self._forbid("'is' / 'is not' (use == or isnull(x))", node)
+            right = self.visit(right_node)
+            ka, kb = _kind(left.type), _kind(right.type)
+            if "unknown" not in (ka, kb) and (ka == "str") != (kb == "str"):
+                raise QueryError(f"cannot compare {left.type} with {right.type} in --where "
+                                 f"({self._snippet(node)!r}); quote strings, e.g. survey == 'apogee'.")
+            ea, eb = self._match(left, right)
+            parts.append(_CMP[type(op)](ea, eb))
+            left = right
+        out = parts[0]
+        for p in parts[1:]:  # a < b < c means (a < b) and (b < c)
+            out = pc.and_kleene(out, p)
+        return _Term(out, pa.bool_())
+
+    def _isin(self, left: _Term | None, op: ast.cmpop, right: ast.AST, node: ast.AST) -> pc.Expression:
+        if left is None:
+            raise self._forbid("a comparison chained after 'in'", node)
+        if not isinstance(right, (ast.Tuple, ast.List, ast.Set)):
+            raise QueryError(f"the right side of 'in' in --where must be a tuple of constants, "
+                             f"e.g. survey in ('apogee', 'boss'), not {self._snippet(right)!r}.")
+        values = []
+        for elt in right.elts:
+            t = self.visit(elt)
+            if not t.is_const:
+                raise QueryError(f"'in' in --where takes constants only, not {self._snippet(elt)!r}.")
+            values.append(t.const)
+        try:
+            value_set = pa.array(values, type=left.type) if left.type is not None else pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+            raise QueryError(f"the values in {self._snippet(right)!r} do not match the type "
+                             f"{left.type} of {self._snippet(node)!r} in --where.") from None
+        out = left.expr.isin(value_set)
+        return pc.invert(out) if isinstance(op, ast.NotIn) else out
+
+    def visit_Call(self, node: ast.Call) -> _Term:
+        name = node.func.id if isinstance(node.func, ast.Name) else None
+        if name not in FUNCTIONS:
+            shown = name or self._snippet(node.func)
+            raise QueryError(f"function '{shown}' is not allowed in --where; allowed functions: "
+                             f"{', '.join(FUNCTIONS)}.")
+        if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
+            raise QueryError(f"{name}() in --where takes exactly one argument ({self._snippet(node)!r}).")
+        t = self.visit(node.args[0])
+        if name == "abs":
+            self._require(t, ("int", "float"), "abs()", node.args[0])
+            return _Term(pc.abs(t.expr), t.type)
+        if name == "isnan":
+            self._require(t, ("float",), "isnan()", node.args[0])
+            return _Term(pc.is_nan(t.expr), pa.bool_())
+        # isnull: missing or NaN, as pandas means it
+        return _Term(pc.is_null(t.expr, nan_is_null=True), pa.bool_())
+
+
+def _describe(node: ast.AST) -> str:
+    """A short human name for a syntax node that --where rejects."""
+    names = {
+        "Attribute": "attribute access", "Subscript": "indexing", "Lambda": "lambda",
+        "IfExp": "conditional expressions", "ListComp": "comprehensions",
+        "SetComp": "comprehensions", "DictComp": "comprehensions", "GeneratorExp": "generators",
+        "Dict": "dict literals", "List": "list literals outside 'in'", "Tuple": "tuples outside 'in'",
+        "Set": "set literals outside 'in'", "NamedExpr": "assignment (:=)", "Starred": "unpacking (*)",
+        "JoinedStr": "f-strings", "Await": "await", "Yield": "yield", "YieldFrom": "yield",
+        "Slice": "slices",
+    }
+    return names.get(type(node).__name__, f"{type(node).__name__} expressions")
+
+
+def _fold(op: ast.operator, a: float, b: float) -> float:
+    if isinstance(op, ast.Add):
+        return a + b
+    if isinstance(op, ast.Sub):
+        return a - b
+    if isinstance(op, ast.Mult):
+        return a * b
+    return a / b
+
+
+def _arith_type(a: _Term, b: _Term) -> pa.DataType | None:
+    """Approximate result type of + - * /: the column's type wins over a literal's."""
+    if a.is_const:
+        return b.type
+    if b.is_const:
+        return a.type
+    if a.type is None or b.type is None:
+        return None
+    if _kind(a.type) == "float" or _kind(b.type) == "float":
+        floats = [t for t in (a.type, b.type) if _kind(t) == "float"]
+        return max(floats, key=lambda t: t.bit_width)
+    return pa.int64()
+
+
+def parse_where(expr: str, columns: Sequence[str] | pa.Schema) -> pc.Expression:
+    """Translate a ``--where`` string into an Arrow filter expression, without evaluating it.
+
+    ``columns`` is the list of column names, or a :class:`pyarrow.Schema` (then types are checked
+    too and numeric literals compared with float32 columns are cast to float32, as numpy does).
+    Raises :class:`QueryError` for syntax errors, unknown columns and any construct outside the
+    small grammar: columns, constants, comparisons, and/or/not, & | ~, + - * /, abs, isnan,
+    isnull and ``x in (a, b)``.
+    """
+    if isinstance(columns, pa.Schema):
+        names, types = list(columns.names), {f.name: f.type for f in columns}
+    else:
+        names, types = list(columns), {}
+    if not isinstance(expr, str) or not expr.strip():
+        raise QueryError("the --where expression is empty.")
+    if len(expr) > MAX_EXPR_CHARS:
+        raise QueryError(f"the --where expression is longer than {MAX_EXPR_CHARS} characters.")
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except SyntaxError as e:
+        raise QueryError(f"could not parse --where expression {expr!r}: {e.msg}.") from None
+    except (RecursionError, MemoryError, ValueError):
+        raise QueryError(f"could not parse --where expression {expr!r}: it is too deeply nested.") from None
+    try:
+        term = _Translator(expr.strip(), names, types).visit(tree)
+    except RecursionError:
+        raise QueryError(f"the --where expression {expr!r} is too deeply nested.") from None
+    if _kind(term.type) not in ("bool", "unknown"):
+        raise QueryError(f"--where must be a condition (true or false per row), but {expr!r} is a "
+                         f"{term.type} value; compare it, e.g. {expr.strip()} > 0.")
+    return term.expr
+
+
+# ---------------------------------------------------------------------------------------------
+# the catalog
+# ---------------------------------------------------------------------------------------------
+def angular_separation(ra1: np.ndarray, dec1: np.ndarray, ra2: float, dec2: float) -> np.ndarray:
+    """Great-circle distance in degrees (haversine, exact at small separations); inputs in degrees."""
+    r1, d1 = np.radians(np.asarray(ra1, np.float64)), np.radians(np.asarray(dec1, np.float64))
+    r2, d2 = math.radians(ra2), math.radians(dec2)
+    h = np.sin((d1 - d2) / 2) ** 2 + np.cos(d1) * math.cos(d2) * np.sin((r1 - r2) / 2) ** 2
+    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0))))
+
+
+def _pixels_touching_cone(norder: int, npix: np.ndarray, ra: float, dec: float, radius: float) -> np.ndarray:
+    """Mask over ``npix`` (nested, order ``norder``) of pixels that may intersect the cone.
+
+    Conservative: a pixel is kept when its centre lies within radius + the pixel's own radius,
+    measured from the centre to sampled boundary points plus a 5% margin for the curved edges.
+    """
+    import astropy.units as u
+    from astropy_healpix import boundaries_lonlat, healpix_to_lonlat
+
+    nside = 2 ** int(norder)
+    lon, lat = healpix_to_lonlat(npix, nside, dx=0.5, dy=0.5, order="nested")
+    clon, clat = lon.to_value(u.deg), lat.to_value(u.deg)
+    blon, blat = boundaries_lonlat(npix, 4, nside, order="nested")  # (n, 16) boundary samples
+    edge = _pairwise_sep(blon.to_value(u.deg), blat.to_value(u.deg), clon[:, None], clat[:, None])
+    pix_radius = edge.max(axis=1) * 1.05 + 1e-9
+    return angular_separation(clon, clat, ra, dec) <= radius + pix_radius
+
+
+def _pairwise_sep(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray, dec2: np.ndarray) -> np.ndarray:
+    """Elementwise (broadcast) haversine separation in degrees."""
+    r1, d1, r2, d2 = (np.radians(np.asarray(x, np.float64)) for x in (ra1, dec1, ra2, dec2))
+    h = np.sin((d1 - d2) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r1 - r2) / 2) ** 2
+    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0))))
+
+
+def _validate_cone(cone: Sequence[float]) -> tuple[float, float, float]:
+    try:
+        ra, dec, radius = (float(x) for x in cone)
+    except (TypeError, ValueError):
+        raise QueryError("a cone is three numbers: ra_deg, dec_deg, radius_deg.") from None
+    if not all(math.isfinite(x) for x in (ra, dec, radius)):
+        raise QueryError(f"the cone ({ra}, {dec}, {radius}) must be finite numbers in degrees.")
+    if not -90.0 <= dec <= 90.0:
+        raise QueryError(f"cone declination {dec} deg is outside [-90, 90].")
+    if not 0.0 < radius <= 180.0:
+        raise QueryError(f"cone radius {radius} deg must be in (0, 180].")
+    return ra % 360.0, dec, radius
+
+
+class Catalog:
+    """A label catalog on disk (see :mod:`distlabels.paths` for the layout); read-only."""
+
+    def __init__(self, root: Path, meta: dict[str, Any]):
+        self.root = root
+        self._meta = meta
+        self._fragments = [p for p in paths.list_fragments(root)
+                           if not any(part.startswith((".", "_"))
+                                      for part in p.relative_to(root / paths.DATASET_DIR).parts)]
+        self._schema: pa.Schema | None = None
+        self.last_files_read = 0  # fragment files opened by the latest query()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The catalog.json description ({} when the file is absent)."""
+        return dict(self._meta)
+
+    @property
+    def fragments(self) -> list[Path]:
+        """Visible Parquet fragments, sorted; hidden ('.', '_') files and folders are skipped."""
+        return list(self._fragments)
+
+    @property
+    def schema(self) -> pa.Schema:
+        """Schema of the fragment files (taken from the first; all are written alike)."""
+        if self._schema is None:
+            import pyarrow.parquet as pq
+            try:
+                self._schema = pq.read_schema(self._fragments[0]) if self._fragments else pa.schema([])
+            except (OSError, pa.ArrowInvalid) as e:
+                raise StoreError(f"cannot read fragment {self._fragments[0]}: {e}.") from None
+        return self._schema
+
+    @property
+    def columns(self) -> list[str]:
+        """File column names (Norder/Dir/Npix come from directory names and are not listed)."""
+        return list(self.schema.names)
+
+    @property
+    def label_names(self) -> list[str]:
+        """Fitted labels: from catalog.json, else every column with a matching ``_err`` column."""
+        names = self._meta.get("label_names")
+        if names:
+            return [str(n) for n in names]
+        cols = set(self.columns)
+        return [c for c in self.columns if f"{c}_err" in cols and c != "rv"]
+
+    def _dataset(self, files: Sequence[Path]) -> ds.Dataset:
+        schema = self.schema
+        for name in PARTITION_COLUMNS:  # directory values become queryable int32 columns
+            schema = schema.append(pa.field(name, pa.int32()))
+        return ds.dataset([str(f) for f in files], schema=schema, format="parquet",
+                          partitioning=ds.partitioning(pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS]),
+                                                       flavor="hive"),
+                          partition_base_dir=str(self.root / paths.DATASET_DIR))
+
+    def query(self, where: str | None = None, columns: Sequence[str] | None = None,
+              cone: Sequence[float] | None = None, limit: int | None = None) -> pa.Table:
+        """Rows matching ``where`` (see :func:`parse_where`) inside ``cone`` (ra, dec, radius in
+        degrees), with ``columns`` (default: every file column), at most ``limit`` rows.
+
+        Only fragments in pixel directories that can intersect the cone are opened; the count of
+        files opened is left in :attr:`last_files_read`.
+        """
+        self.last_files_read = 0
+        schema = self.schema
+        allowed = set(schema.names) | set(PARTITION_COLUMNS)
+        if columns is None:
+            out_cols = list(schema.names)
+        else:
+            out_cols = list(dict.fromkeys(columns))
+            for c in out_cols:
+                if c not in allowed:
+                    raise _unknown_column(c, schema.names, "--columns")
+        if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 0):
+            raise QueryError(f"--limit must be a non-negative integer, not {limit!r}.")
+        typed = pa.schema(list(schema) + [pa.field(n, pa.int32()) for n in PARTITION_COLUMNS])
+        filt = parse_where(where, typed) if where is not None else None
+
+        files = list(self._fragments)
+        cone_t = _validate_cone(cone) if cone is not None else None
+        if cone_t is not None:
+            for needed in ("ra", "dec"):
+                if needed not in schema.names:
+                    raise StoreError(f"the catalog at {self.root} has no '{needed}' column for a cone search.")
+            files = self._prune(files, *cone_t)
+            ra0, dec0, radius = cone_t
+            # cheap exact-safe band: a row within radius of the centre has |dec - dec0| <= radius
+            band = (pc.field("dec") >= dec0 - radius) & (pc.field("dec") <= dec0 + radius)
+            filt = band if filt is None else pc.and_kleene(filt, band)
+        if not files:
+            return self._empty(out_cols)
+        # directory-level pruning of Norder/Dir/Npix conditions before any file is opened
+        files = [Path(f.path) for f in self._dataset(files).get_fragments(filter=filt)] \
+            if filt is not None else files
+        read_cols = list(dict.fromkeys(out_cols + (["ra", "dec"] if cone_t else [])))
+
+        tables, n_rows, done = [], 0, 0
+        step = len(files) if limit is None else 16  # with a limit, stop opening files early
+        while done < len(files) and (limit is None or n_rows < limit):
+            chunk = files[done:done + step]
+            done += len(chunk)
+            self.last_files_read = done
+            t = self._read(chunk, read_cols, filt, where)
+            if cone_t is not None and t.num_rows:
+                sep = angular_separation(t.column("ra").to_numpy(zero_copy_only=False),
+                                         t.column("dec").to_numpy(zero_copy_only=False),
+                                         cone_t[0], cone_t[1])
+                t = t.filter(pa.array(sep <= cone_t[2]))
+            tables.append(t)
+            n_rows += t.num_rows
+        table = pa.concat_tables(tables) if tables else self._empty(read_cols)
+        if limit is not None:
+            table = table.slice(0, int(limit))
+        return table.select(out_cols)
+
+    def _read(self, files: Sequence[Path], cols: list[str], filt: pc.Expression | None,
+              where: str | None) -> pa.Table:
+        try:
+            return self._dataset(files).to_table(columns=cols, filter=filt)
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if where is None:
+                raise StoreError(f"cannot read the catalog at {self.root}: {first}.") from None
+            raise QueryError(f"could not evaluate --where {where!r}: {first}.") from None
+        except OSError as e:
+            raise StoreError(f"cannot read the catalog at {self.root}: {e}.") from None
+
+    def _prune(self, files: list[Path], ra: float, dec: float, radius: float) -> list[Path]:
+        keys: list[tuple[int, int] | None] = []
+        for f in files:
+            try:
+                keys.append(paths.parse_pixel_dir(f.relative_to(self.root)))
+            except ValueError:
+                keys.append(None)  # not in a pixel directory: cannot prune, must read
+        keep = {k: True for k in keys if k is None}
+        by_order: dict[int, set[int]] = {}
+        for k in keys:
+            if k is not None:
+                by_order.setdefault(k[0], set()).add(k[1])
+        for norder, pix in by_order.items():
+            arr = np.array(sorted(pix), dtype=np.int64)
+            mask = _pixels_touching_cone(norder, arr, ra, dec, radius) if radius < 180 else np.ones(len(arr), bool)
+            keep.update({(norder, int(p)): bool(m) for p, m in zip(arr, mask)})
+        return [f for f, k in zip(files, keys) if keep[k]]
+
+    def _empty(self, cols: list[str]) -> pa.Table:
+        typed = {f.name: f.type for f in self.schema}
+        return pa.table({c: pa.array([], type=typed.get(c, pa.int32())) for c in cols})
+
+    def __repr__(self) -> str:
+        return f"Catalog({str(self.root)!r}, fragments={len(self._fragments)})"
+
+
+def open_catalog(path: str | os.PathLike) -> Catalog:
+    """Open the catalog at ``path``; StoreError if it is missing or has no dataset/ directory."""
+    root = Path(path)
+    if not root.exists():
+        raise StoreError(f"catalog {str(root)!r} does not exist.")
+    if not (root / paths.DATASET_DIR).is_dir():
+        raise StoreError(f"{str(root)!r} is not a label catalog: it has no {paths.DATASET_DIR}/ directory.")
+    meta: dict[str, Any] = {}
+    meta_path = root / paths.CATALOG_META
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot read {meta_path}: {e}.") from None
+        if not isinstance(meta, dict):
+            raise StoreError(f"{meta_path} is not a JSON object.")
+    return Catalog(root, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _text_table(table: pa.Table, max_rows: int) -> str:
+    head = table.slice(0, max_rows)
+    cols = []
+    for name in table.column_names:
+        col = head.column(name)
+        if pa.types.is_float32(col.type):  # print the float32 value, not its float64 expansion
+            col = col.cast(pa.float64()).to_pylist()
+            col = [None if v is None else float(np.float32(v)) for v in col]
+        else:
+            col = col.to_pylist()
+        cells = [_cell(v) for v in col]
+        width = max([len(name)] + [len(c) for c in cells])
+        numeric = pa.types.is_integer(table.schema.field(name).type) or pa.types.is_floating(table.schema.field(name).type)
+        cols.append([name.rjust(width) if numeric else name.ljust(width)]
+                    + ["-" * width] + [c.rjust(width) if numeric else c.ljust(width) for c in cells])
+    lines = ["  ".join(parts).rstrip() for parts in zip(*cols)] if cols else []
+    n = table.num_rows
+    footer = f"({n:,} row{'s' if n != 1 else ''})" if n <= max_rows else f"({max_rows:,} of {n:,} rows shown)"
+    return "\n".join(lines + [footer]) + "\n"
+
+
+def _json_records(table: pa.Table) -> str:
+    columns = {}
+    for name in table.column_names:
+        col = table.column(name)
+        vals = col.to_pylist()
+        if pa.types.is_floating(col.type):
+            as32 = pa.types.is_float32(col.type)
+            # JSON has no NaN; float32 printed with its shortest repr (5000.1, not 5000.10009765625)
+            vals = [None if v is None or not math.isfinite(v) else
+                    (float(repr(np.float32(v))) if as32 else v) for v in vals]
+        columns[name] = vals
+    rows = [dict(zip(columns, r)) for r in zip(*columns.values())] if columns else []
+    return json.dumps(rows, default=str) + "\n"
+
+
+def _write_atomic(out: Path, data: bytes) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = paths.temp_path(out)
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+
+
+def format_table(table: pa.Table, fmt: str = "table", out: str | os.PathLike | None = None,
+                 *, max_rows: int = 20) -> str | None:
+    """Render a query result as "table" (aligned text, first ``max_rows`` rows and a row-count
+    footer), "csv", "json" (array of records, NaN as null) or "parquet" (needs ``out``).
+
+    Returns the text when ``out`` is None (the caller prints it); otherwise writes ``out``
+    atomically and returns None.
+    """
+    fmt = fmt.lower()
+    if fmt == "parquet":
+        if out is None:
+            raise QueryError("--format parquet needs an output file (--out PATH).")
+        import pyarrow.parquet as pq
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        _write_atomic(Path(out), buf.getvalue())
+        return None
+    if fmt == "table":
+        text = _text_table(table, max_rows)
+    elif fmt == "csv":
+        import pyarrow.csv as pcsv
+        buf = io.BytesIO()
+        pcsv.write_csv(table, buf)
+        text = buf.getvalue().decode()
+    elif fmt == "json":
+        text = _json_records(table)
+    else:
+        raise QueryError(f"unknown output format {fmt!r}; use table, csv, json or parquet.")
+    if out is None:
+        return text
+    _write_atomic(Path(out), text.encode())
+    return None

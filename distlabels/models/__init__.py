@@ -1,0 +1,6 @@
+"""Emulators behind one interface: ``load(path)`` returns a torch module for any registered kind."""
+from .base import Emulator, ProjectedEmulator, load, read_model_dir, register_kind, registered_kinds, sha256_file
+from .payne import PayneMLP
+
+__all__ = ["Emulator", "PayneMLP", "ProjectedEmulator", "load", "read_model_dir", "register_kind",
+           "registered_kinds", "sha256_file"]

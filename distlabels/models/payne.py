@@ -1,0 +1,117 @@
+"""The Payne's emulator: an MLP from scaled labels to flux (Ting et al. 2019; bossbrain's networks).
+
+Architecture: Linear(L -> H1), act, Linear(H1 -> H2), act, ..., Linear(Hk -> n_pix). The
+activation is LeakyReLU (slope 0.01) in the maintained code and bossbrain; sigmoid in the 2018-19
+networks. The Jacobian is written out layer by layer (no autograd), batched over stars, and a
+linear resampling of the output is folded into the last layer (:meth:`project`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ModelFormatError
+from .base import Emulator, register_kind
+
+ACTIVATIONS = ("leaky_relu", "sigmoid", "tanh")
+
+
+def _act(z: torch.Tensor, name: str, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation value and derivative, both shaped like z."""
+    if name == "leaky_relu":
+        d = torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
+        return z * d, d
+    if name == "sigmoid":
+        s = torch.sigmoid(z)
+        return s, s * (1 - s)
+    t = torch.tanh(z)
+    return t, 1 - t * t
+
+
+@register_kind("payne-mlp")
+class PayneMLP(Emulator):
+    """MLP emulator. weights: list of (out, in) matrices (torch layout), biases: list of (out,)."""
+
+    def __init__(self, weights, biases, *, activation: str = "leaky_relu", negative_slope: float = 0.01,
+                 **common: Any):
+        super().__init__(**common)
+        if activation not in ACTIVATIONS:
+            raise ModelFormatError(f"unknown activation {activation!r} (known: {', '.join(ACTIVATIONS)}).")
+        if len(weights) != len(biases) or len(weights) < 1:
+            raise ModelFormatError("an MLP needs as many bias vectors as weight matrices, at least one.")
+        n_in = self.n_labels
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            if w.ndim != 2 or w.shape[1] != n_in or b.shape != (w.shape[0],):
+                raise ModelFormatError(f"layer {i}: weight {tuple(w.shape)} / bias {tuple(b.shape)} do not chain "
+                                       f"from {n_in} inputs.")
+            n_in = w.shape[0]
+        if n_in != self.n_pix:
+            raise ModelFormatError(f"the network has {n_in} outputs but the wavelength grid has {self.n_pix} pixels.")
+        self.weights = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.as_tensor(w, dtype=torch.float32), requires_grad=False) for w in weights])
+        self.biases = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.as_tensor(b, dtype=torch.float32), requires_grad=False) for b in biases])
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.weights[0].dtype)
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            h, _ = _act(torch.addmm(b, h, w.T), self.activation, self.negative_slope)
+        return torch.addmm(self.biases[-1], h, self.weights[-1].T)
+
+    def value_and_jacobian(self, x: torch.Tensor):
+        """Flux (n, n_pix) and d flux / d x (n, n_pix, n_labels), by the chain rule."""
+        h = x.to(self.weights[0].dtype)
+        a = None  # running d h / d x: (n, H, n_labels)
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            h, d = _act(torch.addmm(b, h, w.T), self.activation, self.negative_slope)
+            a = d[:, :, None] * (w[None] if a is None else torch.matmul(w, a))
+        w_out, b_out = self.weights[-1], self.biases[-1]
+        y = torch.addmm(b_out, h, w_out.T)
+        if a is None:
+            return y, w_out[None].expand(len(x), -1, -1)
+        # One 2-D product (n_pix, H) @ (H, n*L) instead of a broadcast batched matmul, which would
+        # materialise n copies of the large last-layer matrix.
+        n, hdim, nl = a.shape
+        jac = (w_out @ a.permute(1, 0, 2).reshape(hdim, n * nl)).reshape(-1, n, nl).permute(1, 0, 2)
+        return y, jac
+
+    def project(self, matrix) -> "PayneMLP":
+        """Fold ``matrix`` (n_out, n_pix) into the last layer: W' = M W, b' = M b (float64 product)."""
+        m = matrix if isinstance(matrix, torch.Tensor) else torch.as_tensor(matrix)
+        m = m.to(device=self.weights[-1].device)
+        w = (m.double() @ self.weights[-1].double()).float()
+        b = (m.double() @ self.biases[-1].double()[:, None])[:, 0].float()
+        n_out = w.shape[0]
+        common = dict(label_names=self.label_names, x_min=self.x_min.cpu().numpy(), x_max=self.x_max.cpu().numpy(),
+                      wavelength_aa=torch.arange(n_out, dtype=torch.float64).numpy(),
+                      wavelength_medium=self.wavelength_medium, resolution=self.resolution,
+                      training_labels=self.training_labels, meta=self.meta)
+        out = PayneMLP([p.data for p in self.weights[:-1]] + [w], [p.data for p in self.biases[:-1]] + [b],
+                       activation=self.activation, negative_slope=self.negative_slope, **common)
+        return out.to(self.weights[-1].device)
+
+    # ----- persistence ---------------------------------------------------------------------
+    def tensors(self):
+        t = {}
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            t[f"layers.{i}.weight"] = w.data
+            t[f"layers.{i}.bias"] = b.data
+        return t
+
+    def kind_meta(self):
+        return {"activation": self.activation, "negative_slope": self.negative_slope,
+                "layer_sizes": [self.n_labels] + [int(w.shape[0]) for w in self.weights]}
+
+    @classmethod
+    def from_parts(cls, meta, tensors, common):
+        arch = meta.get("architecture", {})
+        n_layers = len([k for k in tensors if k.startswith("layers.") and k.endswith(".weight")])
+        if n_layers == 0:
+            raise ModelFormatError("weights.safetensors holds no 'layers.N.weight' tensors for a payne-mlp model.")
+        weights = [tensors[f"layers.{i}.weight"] for i in range(n_layers)]
+        biases = [tensors[f"layers.{i}.bias"] for i in range(n_layers)]
+        return cls(weights, biases, activation=arch.get("activation", "leaky_relu"),
+                   negative_slope=arch.get("negative_slope", 0.01), **common)
