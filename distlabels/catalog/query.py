@@ -613,7 +613,7 @@ def _json_records(table: pa.Table) -> str:
             as32 = pa.types.is_float32(col.type)
             # JSON has no NaN; float32 printed with its shortest repr (5000.1, not 5000.10009765625)
             vals = [None if v is None or not math.isfinite(v) else
-                    (float(repr(np.float32(v))) if as32 else v) for v in vals]
+                    (float(str(np.float32(v))) if as32 else v) for v in vals]
         columns[name] = vals
     rows = [dict(zip(columns, r)) for r in zip(*columns.values())] if columns else []
     return json.dumps(rows, default=str) + "\n"

@@ -80,6 +80,8 @@ class Emulator(torch.nn.Module):
         self.wavelength_medium = wavelength_medium
         self.resolution = None if resolution is None else float(resolution)
         tl = np.zeros((0, len(self.label_names))) if training_labels is None else np.asarray(training_labels, np.float64)
+        if tl.ndim != 2 or tl.shape[1] != len(self.label_names):
+            raise ModelFormatError(f"training_labels must be (n, {len(self.label_names)}); got {tl.shape}.")
         self.training_labels = tl  # (n_train, n_labels) physical units
         mv = np.zeros(len(self.wavelength)) if model_variance is None else np.asarray(model_variance, np.float64)
         if mv.shape != self.wavelength.shape:
@@ -147,8 +149,9 @@ class Emulator(torch.nn.Module):
         """
         p = next(iter(self.parameters()), None)
         dev = p.device if p is not None else torch.device("cpu")
-        lab = torch.as_tensor(np.atleast_2d(np.asarray(labels, np.float64)), dtype=torch.float32, device=dev)
-        flux = self.forward(self.scale(lab)).double().cpu().numpy()
+        dtype = p.dtype if p is not None else torch.float32
+        lab = torch.as_tensor(np.atleast_2d(np.asarray(labels, np.float64)), dtype=torch.float64, device=dev)
+        flux = self.forward(self.scale(lab).to(dtype)).double().cpu().numpy()
         if wavelength_aa is None:
             return flux
         w = np.asarray(wavelength_aa, np.float64)
@@ -189,7 +192,10 @@ class Emulator(torch.nn.Module):
         tmp = paths.temp_path(wpath)
         save_file(tensors, str(tmp))
         os.replace(tmp, wpath)
+        core_keys = {"format", "kind", "label_names", "label_bounds", "scaling", "wavelength_medium", "wavelength_aa",
+                     "n_pix", "resolution", "n_training_labels", "architecture", "weights_sha256", "path"}
         meta = {
+            **{k: v for k, v in self.meta.items() if k not in core_keys},
             "format": "distlabels-model/1",
             "kind": self.kind,
             "label_names": list(self.label_names),
@@ -204,7 +210,6 @@ class Emulator(torch.nn.Module):
             "n_training_labels": int(len(self.training_labels)),
             "architecture": self.kind_meta(),
             "weights_sha256": sha256_file(wpath),
-            **{k: v for k, v in self.meta.items() if k not in ("weights_sha256",)},
         }
         mpath = out / paths.MODEL_META
         tmp = paths.temp_path(mpath)

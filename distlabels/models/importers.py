@@ -83,7 +83,7 @@ def read_bossbrain_network(path: str | os.PathLike) -> dict[str, Any]:
     src = str(path)
     em = _state(safe_load(path), "Emulator", src)
     try:
-        model = _state(em["model"], ("MultiEmulatorModel", "EmulatorModel"), src)
+        model = _state(em["model"], "MultiEmulatorModel", src)
         seq = _state(model["_modules"]["features"], "Sequential", src)["_modules"]
         layers = [seq[k] for k in sorted(seq, key=int)]
     except (KeyError, TypeError, ValueError):
@@ -106,7 +106,8 @@ def read_bossbrain_network(path: str | os.PathLike) -> dict[str, Any]:
                    negative_slope=slopes.pop() if slopes else 0.01,
                    x_min=np.asarray(em["xmin"], np.float64), x_max=np.asarray(em["xmax"], np.float64),
                    label_names=[str(n) for n in em["label_names"]],
-                   training_labels=np.asarray(em.get("training_labels"), np.float64))
+                   training_labels=None if em.get("training_labels") is None
+                   else np.asarray(em["training_labels"], np.float64))
     except (KeyError, TypeError, ValueError):
         raise ModelFormatError(f"{src} lacks xmin, xmax or label_names.") from None
     return out

@@ -9,7 +9,7 @@ before it is imported, so REDUCE / NEWOBJ / BUILD can only ever reach the callab
 * ``theborg.*`` and ``torch.nn.modules.*`` classes become inert :class:`PickledRecord` subclasses
   that only keep their ``__setstate__`` dict (no torch module or theborg object is ever built);
 * ``torch.storage._load_from_bytes`` becomes a shim calling ``torch.load(..., weights_only=True)``
-  and accepting only storages / tensors back;
+  and accepting only a storage back;
 * ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter`` are wrapped to refuse serialized
   hooks and return plain tensors;
 * ``dill._dill._create_array`` is re-implemented and only accepts numpy's ``_reconstruct``;
@@ -147,16 +147,35 @@ def _create_array(f, args, state, npdict=None):
     return arr
 
 
+class _Guarded:
+    """An allow-listed Python function as the pickle sees it: callable, but BUILD cannot modify it.
+
+    (BUILD on a bare function would set attributes such as ``__defaults__`` on our own module's
+    functions, persisting into later loads.)
+    """
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Any):
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafePickleError(f"the pickle tries to modify the allow-listed function {self._fn.__name__}.")
+
+
 def _allowed() -> dict[tuple[str, str], Any]:
     ma = _numpy_multiarray()
     table: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
-        ("dill._dill", "_create_array"): _create_array,
+        ("dill._dill", "_create_array"): _Guarded(_create_array),
         ("numpy", "dtype"): np.dtype,
         ("numpy", "ndarray"): np.ndarray,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch.storage", "_load_from_bytes"): _load_from_bytes,
+        ("torch._utils", "_rebuild_parameter"): _Guarded(_rebuild_parameter),
+        ("torch._utils", "_rebuild_tensor_v2"): _Guarded(_rebuild_tensor_v2),
+        ("torch.storage", "_load_from_bytes"): _Guarded(_load_from_bytes),
         **_RECORD_CLASSES,
     }
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
