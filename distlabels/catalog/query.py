@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import io
 import json
 import math
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,28 +30,33 @@ from distlabels.errors import QueryError, StoreError
 
 __all__ = ["Catalog", "open_catalog", "parse_where", "format_table", "angular_separation"]
 
-PARTITION_COLUMNS = ("Norder", "Dir", "Npix")
+PARTITION_COLUMNS = ("Norder", "Dir", "Npix")  # from directory names, int32, queryable on request
 FUNCTIONS = ("abs", "isnan", "isnull")
 MAX_EXPR_CHARS = 10_000
 _ALLOWED = ("use columns, constants, comparisons, and/or/not, + - * /, abs(), isnan(), isnull(), "
             "bit tests like flags & 4 == 0 and x in (a, b)")
 _CMP = {ast.Eq: pc.equal, ast.NotEq: pc.not_equal, ast.Lt: pc.less, ast.LtE: pc.less_equal,
         ast.Gt: pc.greater, ast.GtE: pc.greater_equal}
-_ARITH = {ast.Add: pc.add, ast.Sub: pc.subtract, ast.Mult: pc.multiply, ast.Div: pc.divide}
+_ARITH = {ast.Add: (pc.add, operator.add), ast.Sub: (pc.subtract, operator.sub),
+          ast.Mult: (pc.multiply, operator.mul), ast.Div: (pc.divide, operator.truediv)}
 _OP_SYMBOL = {ast.Pow: "**", ast.Mod: "%", ast.FloorDiv: "//", ast.LShift: "<<", ast.RShift: ">>",
               ast.BitXor: "^", ast.MatMult: "@"}
+_NODE_NAMES = {"Attribute": "attribute access", "Subscript": "indexing", "Lambda": "lambda",
+               "IfExp": "conditional expressions", "ListComp": "comprehensions",
+               "SetComp": "comprehensions", "DictComp": "comprehensions", "GeneratorExp": "generators",
+               "Dict": "dict literals", "List": "lists outside 'in'", "Tuple": "tuples outside 'in'",
+               "Set": "sets outside 'in'", "NamedExpr": "assignment (:=)", "Starred": "unpacking (*)",
+               "JoinedStr": "f-strings", "Slice": "slices"}
+_LITERAL_TYPES = ((bool, pa.bool_()), (int, pa.int64()), (float, pa.float64()), (str, pa.string()))
+_KINDS = ((pa.types.is_boolean, "bool"), (pa.types.is_integer, "int"), (pa.types.is_floating, "float"),
+          (pa.types.is_string, "str"), (pa.types.is_large_string, "str"))
+_NUM = ("int", "float")
 
 
-# ---------------------------------------------------------------------------------------------
-# --where parsing
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class _Term:
-    """A translated sub-expression, its Arrow type (None if unknown) and its literal value.
-
-    ``const`` holds the Python value of a literal so that it can be cast to the column's type:
-    ``teff > 0.1`` then compares in float32 like numpy does, not in float64.
-    """
+    """A translated sub-expression, its Arrow type (None if unknown) and, for a literal, its
+    Python value (cast later to the column's type: ``teff > 0.1`` compares in float32, as numpy)."""
 
     expr: pc.Expression
     type: pa.DataType | None
@@ -58,17 +65,7 @@ class _Term:
 
 
 def _kind(t: pa.DataType | None) -> str:
-    if t is None:
-        return "unknown"
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_floating(t):
-        return "float"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "str"
-    return "other"
+    return "unknown" if t is None else next((name for test, name in _KINDS if test(t)), "other")
 
 
 def _unknown_column(name: str, columns: Sequence[str], where: str) -> QueryError:
@@ -81,11 +78,8 @@ class _Translator:
     """Walks a parsed expression and builds the Arrow expression; rejects everything else."""
 
     def __init__(self, source: str, columns: Sequence[str], types: Mapping[str, pa.DataType]):
-        self.source = source
-        self.columns = list(columns)
-        self.types = types
+        self.source, self.columns, self.types = source, list(columns), types
 
-    # -- helpers ------------------------------------------------------------------------------
     def _snippet(self, node: ast.AST) -> str:
         seg = ast.get_source_segment(self.source, node) or type(node).__name__
         return seg if len(seg) <= 60 else seg[:57] + "..."
@@ -98,14 +92,9 @@ class _Translator:
         return QueryError(f"--where does not allow {what} ({self._snippet(node)!r}); {_ALLOWED}.")
 
     def _literal(self, value: Any, node: ast.AST) -> _Term:
-        if isinstance(value, bool):
-            return _Term(pc.scalar(value), pa.bool_(), value, True)
-        if isinstance(value, int):
-            return _Term(pc.scalar(value), pa.int64(), value, True)
-        if isinstance(value, float):
-            return _Term(pc.scalar(value), pa.float64(), value, True)
-        if isinstance(value, str):
-            return _Term(pc.scalar(value), pa.string(), value, True)
+        for py_type, arrow_type in _LITERAL_TYPES:  # bool before int: True is an int in Python
+            if isinstance(value, py_type):
+                return _Term(pc.scalar(value), arrow_type, value, True)
         if value is None:
             raise self._forbid("None (use isnull(x) to find missing values)", node)
         raise self._forbid(f"a constant of type {type(value).__name__}", node)
@@ -113,12 +102,11 @@ class _Translator:
     @staticmethod
     def _match(a: _Term, b: _Term) -> tuple[pc.Expression, pc.Expression]:
         """Cast a numeric literal to the float type of the other side (numpy-like precision)."""
-        ea, eb = a.expr, b.expr
-        if a.is_const and not b.is_const and _kind(b.type) == "float" and _kind(a.type) in ("int", "float"):
-            ea = pc.scalar(pa.scalar(float(a.const), type=b.type))
-        if b.is_const and not a.is_const and _kind(a.type) == "float" and _kind(b.type) in ("int", "float"):
-            eb = pc.scalar(pa.scalar(float(b.const), type=a.type))
-        return ea, eb
+        def cast(lit: _Term, other: _Term) -> pc.Expression:
+            if lit.is_const and not other.is_const and _kind(other.type) == "float" and _kind(lit.type) in _NUM:
+                return pc.scalar(pa.scalar(float(lit.const), type=other.type))
+            return lit.expr
+        return cast(a, b), cast(b, a)
 
     def _require(self, term: _Term, kinds: tuple[str, ...], what: str, node: ast.AST) -> None:
         k = _kind(term.type)
@@ -126,18 +114,17 @@ class _Translator:
             raise QueryError(f"{what} in --where needs {' or '.join(kinds)} operands, but "
                              f"{self._snippet(node)!r} is {term.type}.")
 
-    # -- dispatch -----------------------------------------------------------------------------
     def visit(self, node: ast.AST) -> _Term:
+        if isinstance(node, ast.Expression):
+            node = node.body
         method = getattr(self, f"visit_{type(node).__name__}", None)
         if method is None:
-            raise self._forbid(_describe(node), node)
+            name = type(node).__name__
+            raise self._forbid(_NODE_NAMES.get(name, f"{name} expressions"), node)
         return method(node)
 
-    def visit_Expression(self, node: ast.Expression) -> _Term:
-        return self.visit(node.body)
-
     def visit_Name(self, node: ast.Name) -> _Term:
-        if node.id not in self.columns and node.id not in PARTITION_COLUMNS:
+        if node.id not in self.columns:
             raise _unknown_column(node.id, self.columns, "--where")
         return _Term(pc.field(node.id), self.types.get(node.id))
 
@@ -149,22 +136,16 @@ class _Translator:
         for v, t in zip(node.values, terms):
             self._require(t, ("bool",), "'and'/'or'", v)
         fn = pc.and_kleene if isinstance(node.op, ast.And) else pc.or_kleene
-        out = terms[0].expr
-        for t in terms[1:]:
-            out = fn(out, t.expr)
-        return _Term(out, pa.bool_())
+        return _Term(functools.reduce(fn, [t.expr for t in terms]), pa.bool_())
 
     def visit_UnaryOp(self, node: ast.UnaryOp) -> _Term:
         t = self.visit(node.operand)
-        if isinstance(node.op, ast.Not):
-            self._require(t, ("bool",), "'not'", node.operand)
+        if isinstance(node.op, ast.Invert) and _kind(t.type) == "int":
+            return _Term(pc.bit_wise_not(t.expr), t.type)  # ~ on an integer flips bits
+        if isinstance(node.op, (ast.Not, ast.Invert)):
+            self._require(t, ("bool",), "'not'/'~'", node.operand)
             return _Term(pc.invert(t.expr), pa.bool_())
-        if isinstance(node.op, ast.Invert):
-            if _kind(t.type) == "int":  # ~ on an integer column is a bit flip, not a negation
-                return _Term(pc.bit_wise_not(t.expr), t.type)
-            self._require(t, ("bool",), "'~'", node.operand)
-            return _Term(pc.invert(t.expr), pa.bool_())
-        self._require(t, ("int", "float"), "unary minus", node.operand)
+        self._require(t, _NUM, "unary minus", node.operand)
         if isinstance(node.op, ast.UAdd):
             return t
         if t.is_const:  # fold -5 so that it is still a literal for type matching
@@ -177,20 +158,20 @@ class _Translator:
         if type(node.op) not in _ARITH:
             raise self._forbid(f"the operator '{_OP_SYMBOL.get(type(node.op), '?')}'", node)
         a, b = self.visit(node.left), self.visit(node.right)
-        self._require(a, ("int", "float"), "arithmetic", node.left)
-        self._require(b, ("int", "float"), "arithmetic", node.right)
+        self._require(a, _NUM, "arithmetic", node.left)
+        self._require(b, _NUM, "arithmetic", node.right)
+        arrow_fn, py_fn = _ARITH[type(node.op)]
         if a.is_const and b.is_const:  # plain number arithmetic, folded without eval
             try:
-                value = _fold(node.op, a.const, b.const)
+                return self._literal(py_fn(a.const, b.const), node)
             except ZeroDivisionError:
                 raise QueryError(f"division by zero in --where ({self._snippet(node)!r}).") from None
-            return self._literal(value, node)
         ea, eb = self._match(a, b)
         out_type = _arith_type(a, b)
         if isinstance(node.op, ast.Div) and _kind(out_type) in ("int", "unknown"):
             # Arrow divides integers with truncation; --where follows Python's true division
             ea, out_type = ea.cast(pa.float64()), pa.float64()
-        return _Term(_ARITH[type(node.op)](ea, eb), out_type)
+        return _Term(arrow_fn(ea, eb), out_type)
 
     def _bitop(self, node: ast.BinOp) -> _Term:
         a, b = self.visit(node.left), self.visit(node.right)
@@ -199,11 +180,10 @@ class _Translator:
         if "bool" in (ka, kb):  # (a > 1) & (b < 2): logical
             self._require(a, ("bool",), f"'{sym}'", node.left)
             self._require(b, ("bool",), f"'{sym}'", node.right)
-            fn = pc.and_kleene if sym == "&" else pc.or_kleene
-            return _Term(fn(a.expr, b.expr), pa.bool_())
-        if ka in ("int", "unknown") and kb in ("int", "unknown"):
+            return _Term((pc.and_kleene if sym == "&" else pc.or_kleene)(a.expr, b.expr), pa.bool_())
+        if ka in ("int", "unknown") and kb in ("int", "unknown"):  # flags & 4: bit test
             fn = pc.bit_wise_and if sym == "&" else pc.bit_wise_or
-            return _Term(fn(a.expr, b.expr), a.type if not a.is_const else b.type)
+            return _Term(fn(a.expr, b.expr), b.type if a.is_const else a.type)
         raise QueryError(f"'{sym}' in --where is a bit test on integers or a logical operator on "
                          f"conditions, but {self._snippet(node)!r} mixes other types; put "
                          "comparisons in parentheses, e.g. (teff > 5000) & (logg < 3).")
@@ -215,15 +195,15 @@ class _Translator:
                 raise QueryError(f"'&' and '|' bind tighter than comparisons in --where "
                                  f"({self._snippet(node)!r}); put each comparison in parentheses, "
                                  "e.g. (teff > 5000) & (logg < 3), or use and/or.")
-        left = self.visit(node.left)
+        left: _Term | None = self.visit(node.left)
         parts: list[pc.Expression] = []
         for op, right_node in zip(node.ops, node.comparators):
-            if isinstance(op, (ast.In, ast.NotIn)):
-                parts.append(self._isin(left, op, right_node, node))
-                left = None  # type: ignore[assignment]
-                continue
             if left is None:
                 raise self._forbid("a comparison chained after 'in'", node)
+            if isinstance(op, (ast.In, ast.NotIn)):
+                parts.append(self._isin(left, op, right_node))
+                left = None
+                continue
             if type(op) not in _CMP:
                 raise self._forbid("'is' / 'is not' (use == or isnull(x))", node)
             right = self.visit(right_node)
@@ -231,17 +211,11 @@ class _Translator:
             if "unknown" not in (ka, kb) and (ka == "str") != (kb == "str"):
                 raise QueryError(f"cannot compare {left.type} with {right.type} in --where "
                                  f"({self._snippet(node)!r}); quote strings, e.g. survey == 'apogee'.")
-            ea, eb = self._match(left, right)
-            parts.append(_CMP[type(op)](ea, eb))
+            parts.append(_CMP[type(op)](*self._match(left, right)))
             left = right
-        out = parts[0]
-        for p in parts[1:]:  # a < b < c means (a < b) and (b < c)
-            out = pc.and_kleene(out, p)
-        return _Term(out, pa.bool_())
+        return _Term(functools.reduce(pc.and_kleene, parts), pa.bool_())  # a < b < c: both hold
 
-    def _isin(self, left: _Term | None, op: ast.cmpop, right: ast.AST, node: ast.AST) -> pc.Expression:
-        if left is None:
-            raise self._forbid("a comparison chained after 'in'", node)
+    def _isin(self, left: _Term, op: ast.cmpop, right: ast.AST) -> pc.Expression:
         if not isinstance(right, (ast.Tuple, ast.List, ast.Set)):
             raise QueryError(f"the right side of 'in' in --where must be a tuple of constants, "
                              f"e.g. survey in ('apogee', 'boss'), not {self._snippet(right)!r}.")
@@ -252,68 +226,38 @@ class _Translator:
                 raise QueryError(f"'in' in --where takes constants only, not {self._snippet(elt)!r}.")
             values.append(t.const)
         try:
-            value_set = pa.array(values, type=left.type) if left.type is not None else pa.array(values)
+            value_set = pa.array(values, type=left.type)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-            raise QueryError(f"the values in {self._snippet(right)!r} do not match the type "
-                             f"{left.type} of {self._snippet(node)!r} in --where.") from None
+            raise QueryError(f"the values {self._snippet(right)!r} do not match the type {left.type} "
+                             "of the left side of 'in' in --where.") from None
         out = left.expr.isin(value_set)
         return pc.invert(out) if isinstance(op, ast.NotIn) else out
 
     def visit_Call(self, node: ast.Call) -> _Term:
         name = node.func.id if isinstance(node.func, ast.Name) else None
         if name not in FUNCTIONS:
-            shown = name or self._snippet(node.func)
-            raise QueryError(f"function '{shown}' is not allowed in --where; allowed functions: "
-                             f"{', '.join(FUNCTIONS)}.")
+            raise QueryError(f"function '{name or self._snippet(node.func)}' is not allowed in "
+                             f"--where; allowed functions: {', '.join(FUNCTIONS)}.")
         if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
             raise QueryError(f"{name}() in --where takes exactly one argument ({self._snippet(node)!r}).")
         t = self.visit(node.args[0])
         if name == "abs":
-            self._require(t, ("int", "float"), "abs()", node.args[0])
+            self._require(t, _NUM, "abs()", node.args[0])
             return _Term(pc.abs(t.expr), t.type)
         if name == "isnan":
             self._require(t, ("float",), "isnan()", node.args[0])
             return _Term(pc.is_nan(t.expr), pa.bool_())
-        # isnull: missing or NaN, as pandas means it
-        return _Term(pc.is_null(t.expr, nan_is_null=True), pa.bool_())
-
-
-def _describe(node: ast.AST) -> str:
-    """A short human name for a syntax node that --where rejects."""
-    names = {
-        "Attribute": "attribute access", "Subscript": "indexing", "Lambda": "lambda",
-        "IfExp": "conditional expressions", "ListComp": "comprehensions",
-        "SetComp": "comprehensions", "DictComp": "comprehensions", "GeneratorExp": "generators",
-        "Dict": "dict literals", "List": "list literals outside 'in'", "Tuple": "tuples outside 'in'",
-        "Set": "set literals outside 'in'", "NamedExpr": "assignment (:=)", "Starred": "unpacking (*)",
-        "JoinedStr": "f-strings", "Await": "await", "Yield": "yield", "YieldFrom": "yield",
-        "Slice": "slices",
-    }
-    return names.get(type(node).__name__, f"{type(node).__name__} expressions")
-
-
-def _fold(op: ast.operator, a: float, b: float) -> float:
-    if isinstance(op, ast.Add):
-        return a + b
-    if isinstance(op, ast.Sub):
-        return a - b
-    if isinstance(op, ast.Mult):
-        return a * b
-    return a / b
+        return _Term(pc.is_null(t.expr, nan_is_null=True), pa.bool_())  # missing or NaN, as pandas
 
 
 def _arith_type(a: _Term, b: _Term) -> pa.DataType | None:
     """Approximate result type of + - * /: the column's type wins over a literal's."""
-    if a.is_const:
-        return b.type
-    if b.is_const:
-        return a.type
+    if a.is_const or b.is_const:
+        return b.type if a.is_const else a.type
     if a.type is None or b.type is None:
         return None
-    if _kind(a.type) == "float" or _kind(b.type) == "float":
-        floats = [t for t in (a.type, b.type) if _kind(t) == "float"]
-        return max(floats, key=lambda t: t.bit_width)
-    return pa.int64()
+    floats = [t for t in (a.type, b.type) if _kind(t) == "float"]
+    return max(floats, key=lambda t: t.bit_width) if floats else pa.int64()
 
 
 def parse_where(expr: str, columns: Sequence[str] | pa.Schema) -> pc.Expression:
@@ -325,38 +269,33 @@ def parse_where(expr: str, columns: Sequence[str] | pa.Schema) -> pc.Expression:
     small grammar: columns, constants, comparisons, and/or/not, & | ~, + - * /, abs, isnan,
     isnull and ``x in (a, b)``.
     """
-    if isinstance(columns, pa.Schema):
-        names, types = list(columns.names), {f.name: f.type for f in columns}
-    else:
-        names, types = list(columns), {}
+    schema = columns if isinstance(columns, pa.Schema) else None
+    names, types = list(schema.names if schema else columns), {f.name: f.type for f in schema or []}
     if not isinstance(expr, str) or not expr.strip():
         raise QueryError("the --where expression is empty.")
     if len(expr) > MAX_EXPR_CHARS:
         raise QueryError(f"the --where expression is longer than {MAX_EXPR_CHARS} characters.")
+    source = expr.strip()
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
-    except SyntaxError as e:
-        raise QueryError(f"could not parse --where expression {expr!r}: {e.msg}.") from None
-    except (RecursionError, MemoryError, ValueError):
-        raise QueryError(f"could not parse --where expression {expr!r}: it is too deeply nested.") from None
+        tree = ast.parse(source, mode="eval")
+    except (SyntaxError, ValueError) as e:  # ValueError: null bytes
+        raise QueryError(f"could not parse --where expression {expr!r}: {getattr(e, 'msg', e)}.") from None
+    except (RecursionError, MemoryError):
+        raise QueryError(f"the --where expression {expr!r} is too deeply nested.") from None
     try:
-        term = _Translator(expr.strip(), names, types).visit(tree)
+        term = _Translator(source, names, types).visit(tree)
     except RecursionError:
         raise QueryError(f"the --where expression {expr!r} is too deeply nested.") from None
     if _kind(term.type) not in ("bool", "unknown"):
         raise QueryError(f"--where must be a condition (true or false per row), but {expr!r} is a "
-                         f"{term.type} value; compare it, e.g. {expr.strip()} > 0.")
+                         f"{term.type} value; compare it, e.g. {source} > 0.")
     return term.expr
 
 
-# ---------------------------------------------------------------------------------------------
-# the catalog
-# ---------------------------------------------------------------------------------------------
-def angular_separation(ra1: np.ndarray, dec1: np.ndarray, ra2: float, dec2: float) -> np.ndarray:
-    """Great-circle distance in degrees (haversine, exact at small separations); inputs in degrees."""
-    r1, d1 = np.radians(np.asarray(ra1, np.float64)), np.radians(np.asarray(dec1, np.float64))
-    r2, d2 = math.radians(ra2), math.radians(dec2)
-    h = np.sin((d1 - d2) / 2) ** 2 + np.cos(d1) * math.cos(d2) * np.sin((r1 - r2) / 2) ** 2
+def angular_separation(ra1: Any, dec1: Any, ra2: Any, dec2: Any) -> np.ndarray:
+    """Great-circle distance in degrees between positions in degrees (haversine, broadcast)."""
+    r1, d1, r2, d2 = (np.radians(np.asarray(x, np.float64)) for x in (ra1, dec1, ra2, dec2))
+    h = np.sin((d1 - d2) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r1 - r2) / 2) ** 2
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0))))
 
 
@@ -373,16 +312,8 @@ def _pixels_touching_cone(norder: int, npix: np.ndarray, ra: float, dec: float, 
     lon, lat = healpix_to_lonlat(npix, nside, dx=0.5, dy=0.5, order="nested")
     clon, clat = lon.to_value(u.deg), lat.to_value(u.deg)
     blon, blat = boundaries_lonlat(npix, 4, nside, order="nested")  # (n, 16) boundary samples
-    edge = _pairwise_sep(blon.to_value(u.deg), blat.to_value(u.deg), clon[:, None], clat[:, None])
-    pix_radius = edge.max(axis=1) * 1.05 + 1e-9
-    return angular_separation(clon, clat, ra, dec) <= radius + pix_radius
-
-
-def _pairwise_sep(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray, dec2: np.ndarray) -> np.ndarray:
-    """Elementwise (broadcast) haversine separation in degrees."""
-    r1, d1, r2, d2 = (np.radians(np.asarray(x, np.float64)) for x in (ra1, dec1, ra2, dec2))
-    h = np.sin((d1 - d2) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r1 - r2) / 2) ** 2
-    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0))))
+    edge = angular_separation(blon.to_value(u.deg), blat.to_value(u.deg), clon[:, None], clat[:, None])
+    return angular_separation(clon, clat, ra, dec) <= radius + edge.max(axis=1) * 1.05 + 1e-9
 
 
 def _validate_cone(cone: Sequence[float]) -> tuple[float, float, float]:
@@ -403,11 +334,10 @@ class Catalog:
     """A label catalog on disk (see :mod:`distlabels.paths` for the layout); read-only."""
 
     def __init__(self, root: Path, meta: dict[str, Any]):
-        self.root = root
-        self._meta = meta
+        self.root, self._meta = root, meta
+        base = root / paths.DATASET_DIR  # skip files inside hidden folders too
         self._fragments = [p for p in paths.list_fragments(root)
-                           if not any(part.startswith((".", "_"))
-                                      for part in p.relative_to(root / paths.DATASET_DIR).parts)]
+                           if not any(s.startswith((".", "_")) for s in p.relative_to(base).parts)]
         self._schema: pa.Schema | None = None
         self.last_files_read = 0  # fragment files opened by the latest query()
 
@@ -423,7 +353,7 @@ class Catalog:
 
     @property
     def schema(self) -> pa.Schema:
-        """Schema of the fragment files (taken from the first; all are written alike)."""
+        """Schema of the fragment files (read from the first; the writer writes all alike)."""
         if self._schema is None:
             import pyarrow.parquet as pq
             try:
@@ -440,19 +370,15 @@ class Catalog:
     @property
     def label_names(self) -> list[str]:
         """Fitted labels: from catalog.json, else every column with a matching ``_err`` column."""
-        names = self._meta.get("label_names")
-        if names:
-            return [str(n) for n in names]
-        cols = set(self.columns)
-        return [c for c in self.columns if f"{c}_err" in cols and c != "rv"]
+        if self._meta.get("label_names"):
+            return [str(n) for n in self._meta["label_names"]]
+        return [c for c in self.columns if f"{c}_err" in self.columns and c != "rv"]
 
     def _dataset(self, files: Sequence[Path]) -> ds.Dataset:
-        schema = self.schema
-        for name in PARTITION_COLUMNS:  # directory values become queryable int32 columns
-            schema = schema.append(pa.field(name, pa.int32()))
-        return ds.dataset([str(f) for f in files], schema=schema, format="parquet",
-                          partitioning=ds.partitioning(pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS]),
-                                                       flavor="hive"),
+        part = pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS])
+        return ds.dataset([str(f) for f in files], format="parquet",
+                          schema=pa.unify_schemas([self.schema, part]),
+                          partitioning=ds.partitioning(part, flavor="hive"),
                           partition_base_dir=str(self.root / paths.DATASET_DIR))
 
     def query(self, where: str | None = None, columns: Sequence[str] | None = None,
@@ -460,43 +386,37 @@ class Catalog:
         """Rows matching ``where`` (see :func:`parse_where`) inside ``cone`` (ra, dec, radius in
         degrees), with ``columns`` (default: every file column), at most ``limit`` rows.
 
-        Only fragments in pixel directories that can intersect the cone are opened; the count of
-        files opened is left in :attr:`last_files_read`.
+        Norder, Dir and Npix may be used in ``where`` and ``columns``. Only fragments in pixel
+        directories that can intersect the cone are opened; the count of files opened is left in
+        :attr:`last_files_read`.
         """
         self.last_files_read = 0
         schema = self.schema
-        allowed = set(schema.names) | set(PARTITION_COLUMNS)
-        if columns is None:
-            out_cols = list(schema.names)
-        else:
-            out_cols = list(dict.fromkeys(columns))
-            for c in out_cols:
-                if c not in allowed:
-                    raise _unknown_column(c, schema.names, "--columns")
-        if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 0):
+        full = pa.unify_schemas([schema, pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS])])
+        out_cols = list(schema.names) if columns is None else list(dict.fromkeys(columns))
+        for c in out_cols:
+            if c not in full.names:
+                raise _unknown_column(c, schema.names, "--columns")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer))
+                                  or limit < 0):
             raise QueryError(f"--limit must be a non-negative integer, not {limit!r}.")
-        typed = pa.schema(list(schema) + [pa.field(n, pa.int32()) for n in PARTITION_COLUMNS])
-        filt = parse_where(where, typed) if where is not None else None
-
-        files = list(self._fragments)
+        filt = parse_where(where, full) if where is not None else None
         cone_t = _validate_cone(cone) if cone is not None else None
+        files = list(self._fragments)
         if cone_t is not None:
-            for needed in ("ra", "dec"):
-                if needed not in schema.names:
-                    raise StoreError(f"the catalog at {self.root} has no '{needed}' column for a cone search.")
-            files = self._prune(files, *cone_t)
+            if not {"ra", "dec"} <= set(schema.names):
+                raise StoreError(f"the catalog at {self.root} has no ra/dec columns for a cone search.")
             ra0, dec0, radius = cone_t
-            # cheap exact-safe band: a row within radius of the centre has |dec - dec0| <= radius
+            files = self._prune(files, ra0, dec0, radius)
+            # exact-safe band: a row within radius of the centre has |dec - dec0| <= radius
             band = (pc.field("dec") >= dec0 - radius) & (pc.field("dec") <= dec0 + radius)
             filt = band if filt is None else pc.and_kleene(filt, band)
-        if not files:
-            return self._empty(out_cols)
-        # directory-level pruning of Norder/Dir/Npix conditions before any file is opened
-        files = [Path(f.path) for f in self._dataset(files).get_fragments(filter=filt)] \
-            if filt is not None else files
+        if files and filt is not None:  # Norder/Dir/Npix conditions drop directories unopened
+            files = [Path(f.path) for f in self._dataset(files).get_fragments(filter=filt)]
         read_cols = list(dict.fromkeys(out_cols + (["ra", "dec"] if cone_t else [])))
 
-        tables, n_rows, done = [], 0, 0
+        tables = [pa.table({c: pa.array([], type=full.field(c).type) for c in read_cols})]
+        n_rows, done = 0, 0
         step = len(files) if limit is None else 16  # with a limit, stop opening files early
         while done < len(files) and (limit is None or n_rows < limit):
             chunk = files[done:done + step]
@@ -510,17 +430,15 @@ class Catalog:
                 t = t.filter(pa.array(sep <= cone_t[2]))
             tables.append(t)
             n_rows += t.num_rows
-        table = pa.concat_tables(tables) if tables else self._empty(read_cols)
-        if limit is not None:
-            table = table.slice(0, int(limit))
-        return table.select(out_cols)
+        table = pa.concat_tables(tables)
+        return (table if limit is None else table.slice(0, int(limit))).select(out_cols)
 
     def _read(self, files: Sequence[Path], cols: list[str], filt: pc.Expression | None,
               where: str | None) -> pa.Table:
         try:
             return self._dataset(files).to_table(columns=cols, filter=filt)
         except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             if where is None:
                 raise StoreError(f"cannot read the catalog at {self.root}: {first}.") from None
             raise QueryError(f"could not evaluate --where {where!r}: {first}.") from None
@@ -528,26 +446,19 @@ class Catalog:
             raise StoreError(f"cannot read the catalog at {self.root}: {e}.") from None
 
     def _prune(self, files: list[Path], ra: float, dec: float, radius: float) -> list[Path]:
+        """Fragments whose pixel directory may intersect the cone (unparsable paths are kept)."""
         keys: list[tuple[int, int] | None] = []
         for f in files:
             try:
                 keys.append(paths.parse_pixel_dir(f.relative_to(self.root)))
             except ValueError:
-                keys.append(None)  # not in a pixel directory: cannot prune, must read
-        keep = {k: True for k in keys if k is None}
-        by_order: dict[int, set[int]] = {}
-        for k in keys:
-            if k is not None:
-                by_order.setdefault(k[0], set()).add(k[1])
-        for norder, pix in by_order.items():
-            arr = np.array(sorted(pix), dtype=np.int64)
-            mask = _pixels_touching_cone(norder, arr, ra, dec, radius) if radius < 180 else np.ones(len(arr), bool)
-            keep.update({(norder, int(p)): bool(m) for p, m in zip(arr, mask)})
+                keys.append(None)
+        keep: dict[tuple[int, int] | None, bool] = {None: True}
+        for norder in {k[0] for k in keys if k is not None}:
+            pix = np.array(sorted({k[1] for k in keys if k is not None and k[0] == norder}), np.int64)
+            mask = _pixels_touching_cone(norder, pix, ra, dec, radius) if radius < 180 else np.ones(len(pix), bool)
+            keep.update({(norder, int(p)): bool(m) for p, m in zip(pix, mask)})
         return [f for f, k in zip(files, keys) if keep[k]]
-
-    def _empty(self, cols: list[str]) -> pa.Table:
-        typed = {f.name: f.type for f in self.schema}
-        return pa.table({c: pa.array([], type=typed.get(c, pa.int32())) for c in cols})
 
     def __repr__(self) -> str:
         return f"Catalog({str(self.root)!r}, fragments={len(self._fragments)})"
@@ -560,7 +471,7 @@ def open_catalog(path: str | os.PathLike) -> Catalog:
         raise StoreError(f"catalog {str(root)!r} does not exist.")
     if not (root / paths.DATASET_DIR).is_dir():
         raise StoreError(f"{str(root)!r} is not a label catalog: it has no {paths.DATASET_DIR}/ directory.")
-    meta: dict[str, Any] = {}
+    meta: Any = {}
     meta_path = root / paths.CATALOG_META
     if meta_path.is_file():
         try:
@@ -572,51 +483,27 @@ def open_catalog(path: str | os.PathLike) -> Catalog:
     return Catalog(root, meta)
 
 
-# ---------------------------------------------------------------------------------------------
-# output
-# ---------------------------------------------------------------------------------------------
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+def _pylist(col: pa.ChunkedArray) -> list[Any]:
+    """Python values; float32 by its shortest repr (5000.1, not 5000.10009765625), NaN as None."""
+    values = col.to_pylist()
+    if pa.types.is_floating(col.type):
+        short = pa.types.is_float32(col.type) or pa.types.is_float16(col.type)
+        values = [None if v is None or not math.isfinite(v) else float(str(np.float32(v))) if short else v
+                  for v in values]
+    return values
 
 
 def _text_table(table: pa.Table, max_rows: int) -> str:
-    head = table.slice(0, max_rows)
-    cols = []
-    for name in table.column_names:
-        col = head.column(name)
-        if pa.types.is_float32(col.type):  # print the float32 value, not its float64 expansion
-            col = col.cast(pa.float64()).to_pylist()
-            col = [None if v is None else float(np.float32(v)) for v in col]
-        else:
-            col = col.to_pylist()
-        cells = [_cell(v) for v in col]
-        width = max([len(name)] + [len(c) for c in cells])
-        numeric = pa.types.is_integer(table.schema.field(name).type) or pa.types.is_floating(table.schema.field(name).type)
-        cols.append([name.rjust(width) if numeric else name.ljust(width)]
-                    + ["-" * width] + [c.rjust(width) if numeric else c.ljust(width) for c in cells])
-    lines = ["  ".join(parts).rstrip() for parts in zip(*cols)] if cols else []
+    head, cols = table.slice(0, max_rows), []
+    for field in table.schema:
+        raw = head.column(field.name).to_pylist()
+        cells = ["" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in raw]
+        width = max([len(field.name)] + [len(c) for c in cells])
+        just = str.rjust if pa.types.is_integer(field.type) or pa.types.is_floating(field.type) else str.ljust
+        cols.append([just(field.name, width), "-" * width] + [just(c, width) for c in cells])
     n = table.num_rows
-    footer = f"({n:,} row{'s' if n != 1 else ''})" if n <= max_rows else f"({max_rows:,} of {n:,} rows shown)"
-    return "\n".join(lines + [footer]) + "\n"
-
-
-def _json_records(table: pa.Table) -> str:
-    columns = {}
-    for name in table.column_names:
-        col = table.column(name)
-        vals = col.to_pylist()
-        if pa.types.is_floating(col.type):
-            as32 = pa.types.is_float32(col.type)
-            # JSON has no NaN; float32 printed with its shortest repr (5000.1, not 5000.10009765625)
-            vals = [None if v is None or not math.isfinite(v) else
-                    (float(str(np.float32(v))) if as32 else v) for v in vals]
-        columns[name] = vals
-    rows = [dict(zip(columns, r)) for r in zip(*columns.values())] if columns else []
-    return json.dumps(rows, default=str) + "\n"
+    footer = f"({n:,} row{'' if n == 1 else 's'})" if n <= max_rows else f"({max_rows:,} of {n:,} rows shown)"
+    return "\n".join(["  ".join(parts).rstrip() for parts in zip(*cols)] + [footer]) + "\n"
 
 
 def _write_atomic(out: Path, data: bytes) -> None:
@@ -632,14 +519,14 @@ def format_table(table: pa.Table, fmt: str = "table", out: str | os.PathLike | N
     footer), "csv", "json" (array of records, NaN as null) or "parquet" (needs ``out``).
 
     Returns the text when ``out`` is None (the caller prints it); otherwise writes ``out``
-    atomically and returns None.
+    atomically (temporary sibling, then rename) and returns None.
     """
-    fmt = fmt.lower()
+    fmt = str(fmt).lower()
+    buf = io.BytesIO()
     if fmt == "parquet":
         if out is None:
             raise QueryError("--format parquet needs an output file (--out PATH).")
         import pyarrow.parquet as pq
-        buf = io.BytesIO()
         pq.write_table(table, buf)
         _write_atomic(Path(out), buf.getvalue())
         return None
@@ -647,11 +534,11 @@ def format_table(table: pa.Table, fmt: str = "table", out: str | os.PathLike | N
         text = _text_table(table, max_rows)
     elif fmt == "csv":
         import pyarrow.csv as pcsv
-        buf = io.BytesIO()
         pcsv.write_csv(table, buf)
         text = buf.getvalue().decode()
     elif fmt == "json":
-        text = _json_records(table)
+        cols = {name: _pylist(table.column(name)) for name in table.column_names}
+        text = json.dumps([dict(zip(cols, row)) for row in zip(*cols.values())], default=str) + "\n"
     else:
         raise QueryError(f"unknown output format {fmt!r}; use table, csv, json or parquet.")
     if out is None:

@@ -1,0 +1,304 @@
+"""The ``distlabels`` command line: each subcommand builds a config and calls one function.
+
+Options can also come from a YAML file (``--config configs/NAME.yaml``): keys are the option
+names with dashes or underscores (``task_rows: 500``), and a ``fit:`` mapping sets kernel options
+(``fit: {continuum_degree: 3, fix: {cm: 0.0}}``). Options given on the command line win.
+Errors caused by input are printed as one line, ``distlabels: error: ...``, with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import __version__
+from ..errors import DistlabelsError
+
+EPILOG = "Docs: README.md and DESIGN.md. Every subcommand has --help."
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.replace(":", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 20,100, got {text!r}") from None
+    if not (0 < a <= b):
+        raise argparse.ArgumentTypeError(f"expected 0 < low <= high, got {text!r}")
+    return a, b
+
+
+def _fix(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fix expects LABEL=VALUE, got {text!r}") from None
+
+
+def _apply_yaml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fill options the user did not give on the command line from ``--config``."""
+    path = getattr(args, "config", None)
+    if not path:
+        return args
+    from ..config import load_yaml
+
+    data = load_yaml(path)
+    dests = {a.dest for a in parser._actions}
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        if dest == "fit" and isinstance(value, dict):
+            args.fit_options = {**value, **(getattr(args, "fit_options", None) or {})}
+            continue
+        if dest not in dests:
+            raise DistlabelsError(f"config file {path}: unknown option {key!r} for this subcommand.")
+        if getattr(args, dest, None) is None:
+            if dest == "snr_range" and isinstance(value, (list, tuple)):
+                value = tuple(float(v) for v in value)
+            setattr(args, dest, value)
+    return args
+
+
+# ------------------------------------------------------------------------------ subcommands
+def cmd_models_import(args) -> int:
+    from ..models.importers import import_bossbrain, import_payne_npz
+
+    if args.source == "bossbrain":
+        out = import_bossbrain(args.teff_range or "4000-5000", args.out)
+    else:
+        if not args.file:
+            raise DistlabelsError("models import payne-npz needs the network file: distlabels models import "
+                                  "payne-npz FILE --wavelength FILE --out DIR.")
+        out = import_payne_npz(args.file, args.out, wavelength=args.wavelength, wavelength_medium=args.medium,
+                               label_names=_csv(args.labels) if args.labels else None, resolution=args.resolution)
+    from ..models import load
+
+    m = load(out)
+    print(f"wrote {out}: {m.kind}, {m.n_labels} labels ({', '.join(m.label_names[:6])}"
+          f"{', ...' if m.n_labels > 6 else ''}), {m.n_pix} pixels {m.wavelength.min():.1f}-{m.wavelength.max():.1f} A "
+          f"({m.wavelength_medium}), id {m.model_id}")
+    return 0
+
+
+def cmd_models_info(args) -> int:
+    from ..models import load
+
+    m = load(args.model_dir)
+    print(f"{args.model_dir}: kind {m.kind}, id {m.model_id}")
+    print(f"  pixels: {m.n_pix}, {m.wavelength.min():.2f}-{m.wavelength.max():.2f} A ({m.wavelength_medium}), "
+          f"R = {m.resolution or 'native'}")
+    print(f"  training labels: {len(m.training_labels)}")
+    for name, (lo, hi) in zip(m.label_names, m.label_bounds):
+        print(f"  {name:>8}: {lo:10.4g} .. {hi:<10.4g}")
+    return 0
+
+
+def cmd_mock(args) -> int:
+    from ..config import MockConfig
+    from ..io.store import write_store
+    from ..mock import make_mock
+    from ..models import load
+
+    if not args.model or not args.out:
+        raise DistlabelsError("mock needs --model MODEL_DIR and --out STORE.")
+    snr = args.snr_range or (20.0, 100.0)
+    cfg = MockConfig(n=int(args.n or 2000), snr_min=snr[0], snr_max=snr[1], seed=int(args.seed or 42),
+                     grid=args.grid or "lamost", noiseless=bool(args.noiseless),
+                     max_rows_per_partition=int(args.max_rows_per_partition or 1000))
+    model = load(args.model)
+    table, meta = make_mock(model, cfg)
+    store = write_store(args.out, table, meta, max_rows_per_partition=cfg.max_rows_per_partition,
+                        overwrite=bool(args.overwrite))
+    print(f"wrote {len(table)} mock spectra ({len(meta['wavelength_aa'])} px, grid {cfg.grid}) to {store.root} "
+          f"in {len(store.fragments)} fragments")
+    return 0
+
+
+def _fit_config(args):
+    from ..config import FitConfig, from_dict
+
+    opts = dict(getattr(args, "fit_options", None) or {})
+    if args.batch_size:
+        opts["batch_size"] = int(args.batch_size)
+    if args.continuum_degree is not None:
+        opts["continuum_degree"] = int(args.continuum_degree)
+    if args.fix:
+        opts["fix"] = dict(args.fix)
+    return from_dict(FitConfig, opts)
+
+
+def cmd_fit(args) -> int:
+    from ..config import RunConfig
+    from ..pipeline import run_fit
+
+    if not (args.model and args.spectra and args.out):
+        raise DistlabelsError("fit needs --model MODEL_DIR, --spectra STORE and --out CATALOG.")
+    cfg = RunConfig(cluster=args.cluster or "local", workers=args.workers, device=args.device or "auto",
+                    task_rows=int(args.task_rows or 500), overwrite=bool(args.overwrite),
+                    progress=not args.no_progress, fit=_fit_config(args),
+                    threads_per_worker=int(args.threads_per_worker or 1))
+    s = run_fit(args.model, args.spectra, args.out, cfg)
+    print(f"{s.catalog}: {s.n_rows_fitted} spectra fitted in {s.wall_s:.1f} s ({s.throughput:.1f}/s); "
+          f"{s.n_done} partitions written, {s.n_skipped} already there, {s.n_failed} failed")
+    if s.n_failed:
+        print(f"distlabels: error: {s.n_failed} partition(s) failed; see {Path(s.catalog) / '_failures.parquet'} "
+              "and re-run the same command to retry them.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_query(args) -> int:
+    from ..catalog.query import format_table, open_catalog
+
+    cat = open_catalog(args.catalog)
+    cone = tuple(args.cone) if args.cone else None
+    table = cat.query(where=args.where, columns=_csv(args.columns) if args.columns else None, cone=cone,
+                      limit=args.limit)
+    text = format_table(table, args.format, args.out)
+    if text:
+        print(text, end="" if text.endswith("\n") else "\n")
+    elif args.out:
+        print(f"wrote {len(table)} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from ..catalog.plot import kiel_diagram, recovery_plot
+    from ..catalog.query import open_catalog
+
+    cat = open_catalog(args.catalog)
+    table = cat.query(where=args.where)
+    if args.kind == "kiel":
+        out = kiel_diagram(table, args.out)
+    else:
+        out = recovery_plot(table, args.out)
+    print(f"wrote {out} ({len(table)} stars)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..pipeline.demo import run_demo
+
+    snr = args.snr_range or (20.0, 100.0)
+    run_demo(args.out_dir or "demo_output", n=int(args.n or 2000), workers=args.workers or 2,
+             seed=int(args.seed or 42), snr_range=snr, task_rows=int(args.task_rows or 250),
+             progress=not args.no_progress)
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distlabels",
+        description="Stellar labels (Teff, log g, [M/H], abundances, RV, with errors) for every star of a "
+                    "spectroscopic survey: import an emulator, make or ingest spectra, fit them on Dask, query "
+                    "the catalog.", epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"distlabels {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, help_, func, **kw):
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG, **kw)
+        sp.add_argument("--config", metavar="YAML", help="read options from a YAML file (see configs/)")
+        sp.set_defaults(func=func, parser=sp)
+        return sp
+
+    # models
+    pm = sub.add_parser("models", help="import and inspect emulators", description="Import and inspect emulators.")
+    msub = pm.add_subparsers(dest="models_command", metavar="ACTION")
+    pi = msub.add_parser("import", help="convert a trained emulator into a distlabels model directory",
+                         description="Convert a trained emulator into MODEL_DIR (weights.safetensors + model.json). "
+                                     "bossbrain's pickles are read through an allow-listed unpickler only.")
+    pi.add_argument("source", choices=["bossbrain", "payne-npz"], help="what to import")
+    pi.add_argument("file", nargs="?", help="payne-npz: the network .npz (w_array_0..2, b_array_0..2, x_min, x_max)")
+    pi.add_argument("--teff-range", help="bossbrain network: 3500-4200, 4000-5000 (default) or 4900-6000")
+    pi.add_argument("--wavelength", help="payne-npz: file with the model's wavelength grid in Angstrom (.npz/.npy/.txt)")
+    pi.add_argument("--medium", choices=["vacuum", "air"], default="vacuum", help="payne-npz: wavelength medium")
+    pi.add_argument("--labels", help="payne-npz: comma-separated label names in network order")
+    pi.add_argument("--resolution", type=float, help="payne-npz: resolving power R of the model spectra")
+    pi.add_argument("--out", required=True, help="output model directory")
+    pi.set_defaults(func=cmd_models_import, parser=pi)
+    pinfo = msub.add_parser("info", help="print a model's labels, bounds and grid")
+    pinfo.add_argument("model_dir")
+    pinfo.set_defaults(func=cmd_models_info, parser=pinfo)
+
+    pk = add("mock", "make a mock survey store from an emulator (truth kept as true_* columns)", cmd_mock)
+    pk.add_argument("--model", help="model directory")
+    pk.add_argument("--n", type=int, help="number of stars (default 2000)")
+    pk.add_argument("--snr-range", type=_range, help="S/N per pixel range, e.g. 20,100 (default)")
+    pk.add_argument("--seed", type=int, help="random seed (default 42)")
+    pk.add_argument("--grid", choices=["lamost", "desi", "model"],
+                    help="pixels: LAMOST-like (3,909 px log-lambda, R 1800; default), DESI-like, or the model's own")
+    pk.add_argument("--noiseless", action="store_true", default=None, help="no noise, RV 0, flat continuum (grids)")
+    pk.add_argument("--max-rows-per-partition", type=int, help="rows per store fragment (default 1000)")
+    pk.add_argument("--out", help="output store directory")
+    pk.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
+
+    pf = add("fit", "fit every spectrum of a store into a label catalog on a Dask cluster", cmd_fit)
+    pf.add_argument("--model", help="model directory")
+    pf.add_argument("--spectra", help="spectra store directory")
+    pf.add_argument("--out", help="catalog directory (re-running resumes; other inputs are refused)")
+    pf.add_argument("--cluster", help="local (default, CPU LocalCluster), local-cuda, or tcp://HOST:8786")
+    pf.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
+    pf.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default 1)")
+    pf.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the kernel runs (default auto)")
+    pf.add_argument("--batch-size", type=int, help="stars per kernel batch (default 256)")
+    pf.add_argument("--task-rows", type=int, help="spectra per Dask task (default 500: seconds per task)")
+    pf.add_argument("--continuum-degree", type=int, help="Chebyshev degree per segment; -1 for pre-normalised spectra")
+    pf.add_argument("--fix", type=_fix, action="append", metavar="LABEL=VALUE", help="hold a label fixed (repeatable)")
+    pf.add_argument("--overwrite", action="store_true", default=None, help="delete an existing catalog first")
+    pf.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    pq_ = add("query", "select rows of a catalog (Arrow; the files also open in DuckDB, pandas, LSDB)", cmd_query)
+    pq_.add_argument("catalog")
+    pq_.add_argument("--where", help="filter, e.g. \"teff < 4500 and logg < 2 and flags == 0\"")
+    pq_.add_argument("--columns", help="comma-separated columns (default all)")
+    pq_.add_argument("--cone", nargs=3, type=float, metavar=("RA", "DEC", "RADIUS_DEG"), help="cone search, degrees")
+    pq_.add_argument("--limit", type=int, help="at most N rows")
+    pq_.add_argument("--format", choices=["table", "csv", "parquet", "json"], default="table")
+    pq_.add_argument("--out", help="write to this file instead of stdout")
+
+    pp = add("plot", "plot a catalog: kiel (Teff-log g by [M/H]) or recovery (fit - truth for mocks)", cmd_plot)
+    pp.add_argument("catalog")
+    pp.add_argument("kind", choices=["kiel", "recovery"])
+    pp.add_argument("--where", help="filter rows first (same syntax as query)")
+    pp.add_argument("--out", required=True, help="output PNG")
+
+    pd = add("demo", "the whole path on this machine: import bossbrain, mock, fit on a LocalCluster, query, plot",
+             cmd_demo)
+    pd.add_argument("--n", type=int, help="mock stars (default 2000)")
+    pd.add_argument("--workers", type=int, help="LocalCluster workers (default 2)")
+    pd.add_argument("--seed", type=int)
+    pd.add_argument("--snr-range", type=_range)
+    pd.add_argument("--task-rows", type=int, help="spectra per task (default 250)")
+    pd.add_argument("--out-dir", help="where model, store, catalog and plots go (default demo_output/)")
+    pd.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        (getattr(args, "parser", None) or parser).print_help()
+        if args.command == "models":
+            print("\nactions: import, info (distlabels models import --help)")
+        return 2
+    try:
+        args = _apply_yaml(args, args.parser)
+        return int(args.func(args) or 0)
+    except DistlabelsError as e:
+        print(f"distlabels: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"distlabels: error: {e.filename or e} does not exist.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distlabels: interrupted; finished partitions are kept, re-run the same command to resume.",
+              file=sys.stderr)
+        return 130
+
+
+__all__ = ["build_parser", "main"]
