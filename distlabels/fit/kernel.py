@@ -89,14 +89,16 @@ class SpectrumFitter:
         proj = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data, size=coo.shape,
                                        dtype=torch.float64, check_invariants=False)
         self.work = model.to("cpu").project(proj).to(dev).eval()
+        # Network precision: float32 unless the model was cast to float64 (J^T W J is float64 always).
+        self.dtype = dt = next(self.work.parameters()).dtype
         self.work_ok = torch.as_tensor(g.covered, device=dev)
         mv = model.model_variance.detach().cpu().double().numpy()
-        self.work_var = torch.as_tensor(g.projection @ mv, dtype=torch.float32, device=dev)
+        self.work_var = torch.as_tensor(g.projection @ mv, dtype=dt, device=dev)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.u0 = torch.as_tensor(g.position(np.log10(lam_obs)), dtype=torch.float64, device=dev)
         basis, seg_of = chebyshev_basis(lam_obs, segments, cfg.continuum_degree)
         self.in_segment = torch.as_tensor((seg_of >= 0) & np.isfinite(lam_obs), device=dev)
-        self.basis = torch.as_tensor(basis, dtype=torch.float32, device=dev)      # (n_pix, n_cont)
+        self.basis = torch.as_tensor(basis, dtype=dt, device=dev)                 # (n_pix, n_cont)
         self.n_cont = basis.shape[1]
         self.n_par = L + 1 + self.n_cont
         self.fit_continuum = cfg.continuum_degree >= 0
@@ -127,9 +129,9 @@ class SpectrumFitter:
         xs = np.clip(xs, -0.5, 0.5)
         for i, xv in self.x_fixed.items():
             xs[:, i] = xv
-        self.lib_x = torch.as_tensor(xs, dtype=torch.float32, device=dev)
+        self.lib_x = torch.as_tensor(xs, dtype=dt, device=dev)
         with torch.no_grad():
-            self.lib = self.work(self.lib_x).float() * self.work_ok           # (K, n_work)
+            self.lib = self.work(self.lib_x) * self.work_ok                     # (K, n_work)
         order = np.argsort(xs[:, 0])
         t_idx = order[np.linspace(0, len(order) - 1, max(cfg.n_templates, 1)).round().astype(int)]
         self.templates = self.lib[torch.as_tensor(t_idx, device=dev)]        # (n_t, n_work)
@@ -195,7 +197,7 @@ class SpectrumFitter:
         u = self.u0[None] - shift[:, None]                                         # (n, n_pix)
         u = torch.nan_to_num(u, nan=0.0).clamp(0, g.n_work - 1.000001)
         i = u.floor().long()
-        f = (u - i).float()
+        f = (u - i).to(self.dtype)
         return i, f
 
     def _evaluate(self, p: torch.Tensor, jac: bool):
@@ -203,19 +205,19 @@ class SpectrumFitter:
         L = self.n_labels
         x, v, c = p[:, :L], p[:, L], p[:, L + 1:]
         i, f = self._interp_index(v)
-        cont = (c.float() @ self.basis.T) if self.fit_continuum else torch.ones_like(f)
+        cont = (c.to(self.dtype) @ self.basis.T) if self.fit_continuum else torch.ones_like(f)
         if not jac:
-            y = self.work(x.float())
+            y = self.work(x.to(self.dtype))
             y0, y1 = y.gather(1, i), y.gather(1, i + 1)
             return cont * ((1 - f) * y0 + f * y1), None
-        y, jy = self.work.value_and_jacobian(x.float())                          # (n, W), (n, W, L)
+        y, jy = self.work.value_and_jacobian(x.to(self.dtype))                          # (n, W), (n, W, L)
         y0, y1 = y.gather(1, i), y.gather(1, i + 1)
         flux = (1 - f) * y0 + f * y1
         ie = i[:, :, None].expand(-1, -1, L)
         jf = (1 - f)[:, :, None] * jy.gather(1, ie) + f[:, :, None] * jy.gather(1, ie + 1)
         # d shift / dv = 1 / (ln10 * c * (1 - b^2)) / step; u = u0 - shift
         b = v / C_KMS
-        dshift = (1.0 / (LN10 * C_KMS * (1 - b * b) * self.grid.step_dex)).float()
+        dshift = (1.0 / (LN10 * C_KMS * (1 - b * b) * self.grid.step_dex)).to(self.dtype)
         jv = -cont * (y1 - y0) * dshift[:, None]
         jc = flux[:, :, None] * self.basis[None]
         jac_full = torch.cat([cont[:, :, None] * jf, jv[:, :, None], jc], dim=2)
@@ -240,8 +242,8 @@ class SpectrumFitter:
         n = len(dn)
         g = self.grid
         idx = self.u0.round().long().clamp(0, g.n_work - 1)
-        data = torch.zeros(n, g.n_work, device=self.device).index_add_(1, idx, wn * (dn - 1))
-        wts = torch.zeros(n, g.n_work, device=self.device).index_add_(1, idx, wn)
+        data = torch.zeros(n, g.n_work, dtype=dn.dtype, device=self.device).index_add_(1, idx, wn * (dn - 1))
+        wts = torch.zeros(n, g.n_work, dtype=dn.dtype, device=self.device).index_add_(1, idx, wn)
         k = self.max_shift
         shifts = torch.arange(-k, k + 1, device=self.device)
         src = torch.arange(g.n_work, device=self.device)[:, None] - shifts[None]      # (W, 2k+1)
@@ -273,8 +275,8 @@ class SpectrumFitter:
         i, f = self._interp_index(v)
         near = torch.where(f > 0.5, i + 1, i)
         n = len(dn)
-        data = torch.zeros(n, self.grid.n_work, device=self.device).scatter_add_(1, near, wn * dn)
-        wts = torch.zeros(n, self.grid.n_work, device=self.device).scatter_add_(1, near, wn)
+        data = torch.zeros(n, self.grid.n_work, dtype=dn.dtype, device=self.device).scatter_add_(1, near, wn * dn)
+        wts = torch.zeros(n, self.grid.n_work, dtype=dn.dtype, device=self.device).scatter_add_(1, near, wn)
         s1 = data @ self.lib.T                                                       # (n, K)
         s2 = (wts @ (self.lib * self.lib).T).clamp_min(1e-20)
         crit = torch.where(s1 > 0, s1 * s1 / s2, torch.zeros_like(s1))
@@ -289,18 +291,18 @@ class SpectrumFitter:
             p[:, i] = xv
         if self.fit_continuum:
             shape, _ = self._evaluate(p, jac=False)
-            p[:, L + 1:] = self._poly_continuum(d, w, shape / (p[:, L + 1:].float() @ self.basis.T))
+            p[:, L + 1:] = self._poly_continuum(d, w, shape / (p[:, L + 1:].to(self.dtype) @ self.basis.T))
         return p
 
     def _fit_batch(self, idx, d_np, w_np, res: FitResult):
         """Start, LM, restarts for poor fits, then errors and flags into ``res`` rows ``idx``."""
         cfg, dev, L = self.config, self.device, self.n_labels
-        d = torch.as_tensor(d_np, device=dev)
-        w = torch.as_tensor(w_np, device=dev)
+        d = torch.as_tensor(d_np, device=dev).to(self.dtype)
+        w = torch.as_tensor(w_np, device=dev).to(self.dtype)
         n = len(d)
         # Continuum of the data alone, then RV, then the library start.
         if self.fit_continuum:
-            cont0 = self._poly_continuum(d, w, torch.ones_like(d)).float() @ self.basis.T
+            cont0 = self._poly_continuum(d, w, torch.ones_like(d)).to(self.dtype) @ self.basis.T
         else:
             cont0 = torch.ones_like(d)
         okc = cont0 > 0
@@ -313,7 +315,7 @@ class SpectrumFitter:
         # (emulator error) is added to the data variance here, once.
         i0, _ = self._interp_index(p[:, L])
         reach = self.work_ok[i0] & self.work_ok[(i0 + 1).clamp(max=self.grid.n_work - 1)]
-        cont_start = (p[:, L + 1:].float() @ self.basis.T) if self.fit_continuum else torch.ones_like(d)
+        cont_start = (p[:, L + 1:].to(self.dtype) @ self.basis.T) if self.fit_continuum else torch.ones_like(d)
         mvar = self.work_var[i0] * cont_start * cont_start
         w = torch.where(reach, w / (1 + w * mvar), torch.zeros_like(w))
         dof = ((w > 0).sum(1).double() - self.free.sum().double()).clamp_min(1)

@@ -45,7 +45,7 @@ def list_to_numpy(col: pa.ChunkedArray | pa.Array, n_pix: int, dtype=np.float32)
     fill = False if dtype == np.bool_ else np.nan
     if n and np.all(lengths == n_pix) and arr.null_count == 0:
         flat = arr.flatten().to_numpy(zero_copy_only=False)
-        return np.asarray(flat, dtype=dtype).reshape(n, n_pix)
+        return np.array(flat, dtype=dtype).reshape(n, n_pix)  # a writable copy, not a view of Arrow memory
     out = np.full((n, n_pix), fill, dtype=dtype)
     for i in range(n):
         if lengths[i] == n_pix and arr[i].is_valid:

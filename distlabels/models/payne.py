@@ -48,10 +48,14 @@ class PayneMLP(Emulator):
             n_in = w.shape[0]
         if n_in != self.n_pix:
             raise ModelFormatError(f"the network has {n_in} outputs but the wavelength grid has {self.n_pix} pixels.")
-        self.weights = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.as_tensor(w, dtype=torch.float32), requires_grad=False) for w in weights])
-        self.biases = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.as_tensor(b, dtype=torch.float32), requires_grad=False) for b in biases])
+        # Stored weights keep a floating dtype they arrive in (float32 from files; float64 after .double()).
+        def param(t):
+            t = torch.as_tensor(t)
+            return torch.nn.Parameter(t if t.is_floating_point() and t.dtype != torch.float16 else t.float(),
+                                      requires_grad=False)
+
+        self.weights = torch.nn.ParameterList([param(w) for w in weights])
+        self.biases = torch.nn.ParameterList([param(b) for b in biases])
         self.activation = activation
         self.negative_slope = float(negative_slope)
 
@@ -82,8 +86,9 @@ class PayneMLP(Emulator):
         """Fold ``matrix`` (n_out, n_pix) into the last layer: W' = M W, b' = M b (float64 product)."""
         m = matrix if isinstance(matrix, torch.Tensor) else torch.as_tensor(matrix)
         m = m.to(device=self.weights[-1].device)
-        w = (m.double() @ self.weights[-1].double()).float()
-        b = (m.double() @ self.biases[-1].double()[:, None])[:, 0].float()
+        dtype = self.weights[-1].dtype
+        w = (m.double() @ self.weights[-1].double()).to(dtype)
+        b = (m.double() @ self.biases[-1].double()[:, None])[:, 0].to(dtype)
         n_out = w.shape[0]
         common = dict(label_names=self.label_names, x_min=self.x_min.cpu().numpy(), x_max=self.x_max.cpu().numpy(),
                       wavelength_aa=torch.arange(n_out, dtype=torch.float64).numpy(),

@@ -1,0 +1,117 @@
+"""The fitting kernel on a real trained emulator (bossbrain) and on analytic cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distlabels.config import FitConfig, MockConfig
+from distlabels.fit import Flag, SpectrumFitter, fit_spectra
+from distlabels.fit.working_grid import build_working_grid
+from distlabels.io.store import list_to_numpy
+from distlabels.io.wavelength import survey_grid
+from distlabels.mock import make_mock
+
+
+def _arrays(table, meta):
+    n_pix = len(meta["wavelength_aa"])
+    return (list_to_numpy(table["flux"], n_pix), list_to_numpy(table["ivar"], n_pix),
+            list_to_numpy(table["mask"], n_pix, np.bool_))
+
+
+def test_lsf_width_matches_resolving_power():
+    """A line narrower than a model pixel comes out of the projection with FWHM = lambda / R."""
+    lam_model = np.linspace(4990, 5010, 40001)            # 0.0005 A pixels
+    obs = 5000 * 10 ** (1e-5 * np.arange(-300, 301))      # fine log grid around 5000 A
+    g = build_working_grid(lam_model, obs, resolution=5000, oversample=4, v_max_kms=10)
+    spike = np.zeros_like(lam_model)
+    spike[20000] = 1.0                                     # at 5000 A
+    prof = g.projection @ spike
+    lam_w = 10 ** g.log10_wavelength
+    half = prof >= prof.max() / 2
+    fwhm = lam_w[half].max() - lam_w[half].min()
+    step = lam_w[1] - lam_w[0]
+    assert abs(fwhm - 5000 / 5000) < 1.5 * step            # 1.0 A within the working-grid sampling
+    np.testing.assert_allclose((g.projection @ np.ones_like(lam_model))[g.covered], 1.0, rtol=1e-12)
+
+
+def test_jacobian_matches_finite_differences(bossbrain_model):
+    """Analytic Jacobian of the full forward model (network, Doppler interpolation, continuum)."""
+    model = bossbrain_model.double()
+    try:
+        wave, res, seg = survey_grid("lamost")
+        f = SpectrumFitter(model, wave, resolution=res, segments=seg, config=FitConfig(library_size=8))
+        rng = np.random.default_rng(1)
+        x = torch.as_tensor(rng.uniform(-0.3, 0.3, (2, model.n_labels)))
+        v = torch.tensor([[13.3], [-41.7]], dtype=torch.float64)
+        c = torch.as_tensor(rng.normal(0, 0.1, (2, f.n_cont)))
+        c[:, 0] += 1.0
+        p = torch.cat([x, v, c], 1)
+        _, jac = f._evaluate(p, jac=True)
+        for k in list(range(0, model.n_labels, 5)) + [model.n_labels, model.n_labels + 2]:
+            h = 1e-6 if k != model.n_labels else 1e-4   # RV: stay inside one interpolation segment
+            dp = torch.zeros_like(p)
+            dp[:, k] = h
+            fd = (f._evaluate(p + dp, jac=False)[0] - f._evaluate(p - dp, jac=False)[0]) / (2 * h)
+            np.testing.assert_allclose(jac[:, :, k].numpy(), fd.numpy(), atol=1e-6 * float(fd.abs().max()) + 1e-9)
+    finally:
+        bossbrain_model.float()
+
+
+def test_noiseless_spectra_recover_truth(bossbrain_model):
+    """No noise, RV 0, flat continuum: labels come back to a small fraction of the S/N 50 errors."""
+    table, meta = make_mock(bossbrain_model, MockConfig(n=40, seed=3, noiseless=True, snr_min=50, snr_max=50))
+    flux, ivar, mask = _arrays(table, meta)
+    res = fit_spectra(bossbrain_model, meta["wavelength_aa"], flux, ivar, mask=mask,
+                      resolution=meta["resolution"], segments=meta["segments"])
+    inside = (res.flags & Flag.AT_LABEL_BOUND) == 0
+    assert inside.sum() >= 5
+    for j, name in enumerate(["teff", "logg", "mh"]):
+        dev = (res.labels[:, j] - table[f"true_{name}"].to_numpy()) / res.errors[:, j]
+        assert np.median(np.abs(dev[inside])) < 0.3, name
+    assert np.all(np.abs(res.rv) < 0.5 * np.median(res.rv_err) + 0.5)
+    assert np.median(res.chi2_red) < 0.05        # no noise: the model reproduces the data
+
+
+def test_bad_input_flagged_and_bounds_hold(bossbrain_model):
+    """NaN flux, zero ivar and too few pixels are flagged, not fitted; labels stay in the box; a
+    star hotter than the model's range ends at the bound, flagged."""
+    wave, res_r, seg = survey_grid("lamost")
+    table, meta = make_mock(bossbrain_model, MockConfig(n=6, seed=5, snr_min=80, snr_max=80))
+    flux, ivar, mask = _arrays(table, meta)
+    flux[0] = np.nan
+    ivar[1] = 0
+    ivar[2, 30:] = 0
+    # Star 3: an emulator spectrum at Teff 5400 K, outside the 4000-5000 K box (extrapolated).
+    lab = bossbrain_model.training_labels[:1].copy()
+    lab[0, 0] = 5400.0
+    hot = bossbrain_model.predict(lab, wavelength_aa=None)
+    from distlabels.mock import lsf_matrix
+    from distlabels.io.wavelength import to_vacuum
+    lam_m = to_vacuum(bossbrain_model.wavelength, "air")
+    hot = (lsf_matrix(lam_m, res_r) @ hot[0])
+    flux[3] = np.interp(wave, lam_m, hot)
+    ivar[3] = 80.0**2
+    mask[3] = False
+    res = fit_spectra(bossbrain_model, wave, flux, ivar, mask=mask, resolution=res_r, segments=seg)
+    assert res.flags[0] & Flag.BAD_INPUT and res.flags[1] & Flag.BAD_INPUT
+    assert res.flags[2] & Flag.FEW_PIXELS
+    assert np.isnan(res.labels[:3]).all()
+    assert res.flags[3] & Flag.AT_LABEL_BOUND and res.labels[3, 0] == pytest.approx(5000, abs=1)
+    lo, hi = bossbrain_model.label_bounds.T
+    fitted = np.isfinite(res.labels).all(1)
+    assert fitted.sum() == 3
+    assert np.all(res.labels[fitted] >= lo - 1e-3) and np.all(res.labels[fitted] <= hi + 1e-3)
+
+
+def test_fixed_labels_stay_put(bossbrain_model, mock_snr50):
+    table, meta = mock_snr50
+    flux, ivar, mask = _arrays(table.slice(0, 8), meta)
+    cfg = FitConfig(fix=(("cm", 0.0), ("nm", 0.1)))
+    res = fit_spectra(bossbrain_model, meta["wavelength_aa"], flux, ivar, mask=mask, config=cfg,
+                      resolution=meta["resolution"], segments=meta["segments"])
+    names = list(res.label_names)
+    np.testing.assert_allclose(res.labels[:, names.index("cm")], 0.0, atol=1e-5)
+    np.testing.assert_allclose(res.labels[:, names.index("nm")], 0.1, atol=1e-5)
+    assert np.all(res.errors[:, names.index("cm")] == 0)
+    assert np.all(np.isfinite(res.labels[:, 0]))
