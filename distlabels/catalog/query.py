@@ -1,9 +1,7 @@
 """Read a label catalog: safe ``--where`` expressions, cone searches that prune sky pixels, output.
 
-A ``--where`` string is parsed with :mod:`ast` and translated node by node into a
-:class:`pyarrow.compute.Expression`; nothing is ever evaluated by Python, so an expression can
-only read columns. Cone searches open only the ``Npix=N`` directories that can touch the cone
-and then keep rows by exact angular separation.
+``--where`` is parsed with :mod:`ast` and translated node by node into an Arrow expression; nothing
+is ever evaluated by Python. Cone searches open only ``Npix=N`` directories that can touch the cone.
 """
 from __future__ import annotations
 
@@ -24,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from distlabels import paths
 from distlabels.errors import QueryError, StoreError
@@ -31,22 +30,18 @@ from distlabels.errors import QueryError, StoreError
 __all__ = ["Catalog", "open_catalog", "parse_where", "format_table", "angular_separation"]
 
 PARTITION_COLUMNS = ("Norder", "Dir", "Npix")  # from directory names, int32, queryable on request
+_PART_SCHEMA = pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS])
 FUNCTIONS = ("abs", "isnan", "isnull")
-MAX_EXPR_CHARS = 10_000
 _ALLOWED = ("use columns, constants, comparisons, and/or/not, + - * /, abs(), isnan(), isnull(), "
             "bit tests like flags & 4 == 0 and x in (a, b)")
 _CMP = {ast.Eq: pc.equal, ast.NotEq: pc.not_equal, ast.Lt: pc.less, ast.LtE: pc.less_equal,
         ast.Gt: pc.greater, ast.GtE: pc.greater_equal}
 _ARITH = {ast.Add: (pc.add, operator.add), ast.Sub: (pc.subtract, operator.sub),
           ast.Mult: (pc.multiply, operator.mul), ast.Div: (pc.divide, operator.truediv)}
-_OP_SYMBOL = {ast.Pow: "**", ast.Mod: "%", ast.FloorDiv: "//", ast.LShift: "<<", ast.RShift: ">>",
-              ast.BitXor: "^", ast.MatMult: "@"}
-_NODE_NAMES = {"Attribute": "attribute access", "Subscript": "indexing", "Lambda": "lambda",
-               "IfExp": "conditional expressions", "ListComp": "comprehensions",
-               "SetComp": "comprehensions", "DictComp": "comprehensions", "GeneratorExp": "generators",
-               "Dict": "dict literals", "List": "lists outside 'in'", "Tuple": "tuples outside 'in'",
-               "Set": "sets outside 'in'", "NamedExpr": "assignment (:=)", "Starred": "unpacking (*)",
-               "JoinedStr": "f-strings", "Slice": "slices"}
+_NODE_NAMES = {"Attribute": "attribute access", "Subscript": "indexing", "IfExp": "conditional expressions",
+               **dict.fromkeys(("ListComp", "SetComp", "DictComp", "GeneratorExp"), "comprehensions"),
+               **dict.fromkeys(("List", "Tuple", "Set", "Dict"), "containers outside 'in'"),
+               "NamedExpr": "assignment (:=)", "JoinedStr": "f-strings", "Lambda": "lambda"}
 _LITERAL_TYPES = ((bool, pa.bool_()), (int, pa.int64()), (float, pa.float64()), (str, pa.string()))
 _KINDS = ((pa.types.is_boolean, "bool"), (pa.types.is_integer, "int"), (pa.types.is_floating, "float"),
           (pa.types.is_string, "str"), (pa.types.is_large_string, "str"))
@@ -92,12 +87,12 @@ class _Translator:
         return QueryError(f"--where does not allow {what} ({self._snippet(node)!r}); {_ALLOWED}.")
 
     def _literal(self, value: Any, node: ast.AST) -> _Term:
+        if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            raise QueryError(f"the integer {value} in --where does not fit in 64 bits.")
         for py_type, arrow_type in _LITERAL_TYPES:  # bool before int: True is an int in Python
             if isinstance(value, py_type):
                 return _Term(pc.scalar(value), arrow_type, value, True)
-        if value is None:
-            raise self._forbid("None (use isnull(x) to find missing values)", node)
-        raise self._forbid(f"a constant of type {type(value).__name__}", node)
+        raise self._forbid("None (use isnull(x))" if value is None else type(value).__name__, node)
 
     @staticmethod
     def _match(a: _Term, b: _Term) -> tuple[pc.Expression, pc.Expression]:
@@ -115,13 +110,10 @@ class _Translator:
                              f"{self._snippet(node)!r} is {term.type}.")
 
     def visit(self, node: ast.AST) -> _Term:
-        if isinstance(node, ast.Expression):
-            node = node.body
-        method = getattr(self, f"visit_{type(node).__name__}", None)
-        if method is None:
-            name = type(node).__name__
+        name = type(node).__name__
+        if not hasattr(self, f"visit_{name}"):
             raise self._forbid(_NODE_NAMES.get(name, f"{name} expressions"), node)
-        return method(node)
+        return getattr(self, f"visit_{name}")(node)
 
     def visit_Name(self, node: ast.Name) -> _Term:
         if node.id not in self.columns:
@@ -146,20 +138,18 @@ class _Translator:
             self._require(t, ("bool",), "'not'/'~'", node.operand)
             return _Term(pc.invert(t.expr), pa.bool_())
         self._require(t, _NUM, "unary minus", node.operand)
-        if isinstance(node.op, ast.UAdd):
-            return t
-        if t.is_const:  # fold -5 so that it is still a literal for type matching
-            return self._literal(-t.const, node)
+        if isinstance(node.op, ast.UAdd) or t.is_const:  # fold -5: still a literal for type matching
+            return t if isinstance(node.op, ast.UAdd) else self._literal(-t.const, node)
         return _Term(pc.negate(t.expr), t.type)
 
     def visit_BinOp(self, node: ast.BinOp) -> _Term:
         if isinstance(node.op, (ast.BitAnd, ast.BitOr)):
             return self._bitop(node)
         if type(node.op) not in _ARITH:
-            raise self._forbid(f"the operator '{_OP_SYMBOL.get(type(node.op), '?')}'", node)
+            raise self._forbid("this operator", node)
         a, b = self.visit(node.left), self.visit(node.right)
-        self._require(a, _NUM, "arithmetic", node.left)
-        self._require(b, _NUM, "arithmetic", node.right)
+        for t, side in ((a, node.left), (b, node.right)):
+            self._require(t, _NUM, "arithmetic", side)
         arrow_fn, py_fn = _ARITH[type(node.op)]
         if a.is_const and b.is_const:  # plain number arithmetic, folded without eval
             try:
@@ -178,31 +168,27 @@ class _Translator:
         ka, kb = _kind(a.type), _kind(b.type)
         sym = "&" if isinstance(node.op, ast.BitAnd) else "|"
         if "bool" in (ka, kb):  # (a > 1) & (b < 2): logical
-            self._require(a, ("bool",), f"'{sym}'", node.left)
-            self._require(b, ("bool",), f"'{sym}'", node.right)
+            for t, side in ((a, node.left), (b, node.right)):
+                self._require(t, ("bool",), f"'{sym}'", side)
             return _Term((pc.and_kleene if sym == "&" else pc.or_kleene)(a.expr, b.expr), pa.bool_())
         if ka in ("int", "unknown") and kb in ("int", "unknown"):  # flags & 4: bit test
             fn = pc.bit_wise_and if sym == "&" else pc.bit_wise_or
             return _Term(fn(a.expr, b.expr), b.type if a.is_const else a.type)
-        raise QueryError(f"'{sym}' in --where is a bit test on integers or a logical operator on "
-                         f"conditions, but {self._snippet(node)!r} mixes other types; put "
-                         "comparisons in parentheses, e.g. (teff > 5000) & (logg < 3).")
+        raise QueryError(f"'{sym}' in --where joins integers or conditions, not {self._snippet(node)!r}; "
+                         "put comparisons in parentheses, e.g. (teff > 5000) & (logg < 3).")
 
     def visit_Compare(self, node: ast.Compare) -> _Term:
         for mid in node.comparators[:-1]:  # 'a > 1 & b < 2' parses as 'a > (1 & b) < 2'
             if isinstance(mid, ast.BinOp) and isinstance(mid.op, (ast.BitAnd, ast.BitOr)) \
                     and not self._parenthesized(mid):
-                raise QueryError(f"'&' and '|' bind tighter than comparisons in --where "
-                                 f"({self._snippet(node)!r}); put each comparison in parentheses, "
-                                 "e.g. (teff > 5000) & (logg < 3), or use and/or.")
-        left: _Term | None = self.visit(node.left)
-        parts: list[pc.Expression] = []
+                raise QueryError(f"'&' and '|' bind tighter than comparisons ({self._snippet(node)!r}); "
+                                 "put comparisons in parentheses, e.g. (teff > 5000) & (logg < 3).")
+        if len(node.ops) > 1 and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+            raise self._forbid("'in' inside a chained comparison", node)
+        left, parts = self.visit(node.left), []
         for op, right_node in zip(node.ops, node.comparators):
-            if left is None:
-                raise self._forbid("a comparison chained after 'in'", node)
             if isinstance(op, (ast.In, ast.NotIn)):
                 parts.append(self._isin(left, op, right_node))
-                left = None
                 continue
             if type(op) not in _CMP:
                 raise self._forbid("'is' / 'is not' (use == or isnull(x))", node)
@@ -219,14 +205,11 @@ class _Translator:
         if not isinstance(right, (ast.Tuple, ast.List, ast.Set)):
             raise QueryError(f"the right side of 'in' in --where must be a tuple of constants, "
                              f"e.g. survey in ('apogee', 'boss'), not {self._snippet(right)!r}.")
-        values = []
-        for elt in right.elts:
-            t = self.visit(elt)
-            if not t.is_const:
-                raise QueryError(f"'in' in --where takes constants only, not {self._snippet(elt)!r}.")
-            values.append(t.const)
+        terms = [self.visit(elt) for elt in right.elts]
+        if not all(t.is_const for t in terms):
+            raise QueryError(f"'in' in --where takes constants only, not {self._snippet(right)!r}.")
         try:
-            value_set = pa.array(values, type=left.type)
+            value_set = pa.array([t.const for t in terms], type=left.type)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
             raise QueryError(f"the values {self._snippet(right)!r} do not match the type {left.type} "
                              "of the left side of 'in' in --where.") from None
@@ -252,10 +235,8 @@ class _Translator:
 
 def _arith_type(a: _Term, b: _Term) -> pa.DataType | None:
     """Approximate result type of + - * /: the column's type wins over a literal's."""
-    if a.is_const or b.is_const:
-        return b.type if a.is_const else a.type
-    if a.type is None or b.type is None:
-        return None
+    if a.is_const or b.is_const or a.type is None or b.type is None:
+        return b.type if a.is_const else a.type if b.is_const else None
     floats = [t for t in (a.type, b.type) if _kind(t) == "float"]
     return max(floats, key=lambda t: t.bit_width) if floats else pa.int64()
 
@@ -273,18 +254,12 @@ def parse_where(expr: str, columns: Sequence[str] | pa.Schema) -> pc.Expression:
     names, types = list(schema.names if schema else columns), {f.name: f.type for f in schema or []}
     if not isinstance(expr, str) or not expr.strip():
         raise QueryError("the --where expression is empty.")
-    if len(expr) > MAX_EXPR_CHARS:
-        raise QueryError(f"the --where expression is longer than {MAX_EXPR_CHARS} characters.")
     source = expr.strip()
     try:
-        tree = ast.parse(source, mode="eval")
-    except (SyntaxError, ValueError) as e:  # ValueError: null bytes
+        term = _Translator(source, names, types).visit(ast.parse(source, mode="eval").body)
+    except (SyntaxError, ValueError) as e:  # ValueError: null bytes on some Pythons
         raise QueryError(f"could not parse --where expression {expr!r}: {getattr(e, 'msg', e)}.") from None
     except (RecursionError, MemoryError):
-        raise QueryError(f"the --where expression {expr!r} is too deeply nested.") from None
-    try:
-        term = _Translator(source, names, types).visit(tree)
-    except RecursionError:
         raise QueryError(f"the --where expression {expr!r} is too deeply nested.") from None
     if _kind(term.type) not in ("bool", "unknown"):
         raise QueryError(f"--where must be a condition (true or false per row), but {expr!r} is a "
@@ -300,19 +275,17 @@ def angular_separation(ra1: Any, dec1: Any, ra2: Any, dec2: Any) -> np.ndarray:
 
 
 def _pixels_touching_cone(norder: int, npix: np.ndarray, ra: float, dec: float, radius: float) -> np.ndarray:
-    """Mask over ``npix`` (nested, order ``norder``) of pixels that may intersect the cone.
+    """Mask over ``npix`` (nested, order ``norder``) of pixels that may intersect the cone (degrees).
 
-    Conservative: a pixel is kept when its centre lies within radius + the pixel's own radius,
-    measured from the centre to sampled boundary points plus a 5% margin for the curved edges.
-    """
-    import astropy.units as u
+    Conservative: keep a pixel whose centre is within radius + the pixel's own radius (centre to
+    sampled boundary points, plus 5% for the curved edges between samples)."""
     from astropy_healpix import boundaries_lonlat, healpix_to_lonlat
 
     nside = 2 ** int(norder)
     lon, lat = healpix_to_lonlat(npix, nside, dx=0.5, dy=0.5, order="nested")
-    clon, clat = lon.to_value(u.deg), lat.to_value(u.deg)
+    clon, clat = lon.deg, lat.deg
     blon, blat = boundaries_lonlat(npix, 4, nside, order="nested")  # (n, 16) boundary samples
-    edge = angular_separation(blon.to_value(u.deg), blat.to_value(u.deg), clon[:, None], clat[:, None])
+    edge = angular_separation(blon.deg, blat.deg, clon[:, None], clat[:, None])
     return angular_separation(clon, clat, ra, dec) <= radius + edge.max(axis=1) * 1.05 + 1e-9
 
 
@@ -321,12 +294,11 @@ def _validate_cone(cone: Sequence[float]) -> tuple[float, float, float]:
         ra, dec, radius = (float(x) for x in cone)
     except (TypeError, ValueError):
         raise QueryError("a cone is three numbers: ra_deg, dec_deg, radius_deg.") from None
-    if not all(math.isfinite(x) for x in (ra, dec, radius)):
-        raise QueryError(f"the cone ({ra}, {dec}, {radius}) must be finite numbers in degrees.")
-    if not -90.0 <= dec <= 90.0:
-        raise QueryError(f"cone declination {dec} deg is outside [-90, 90].")
-    if not 0.0 < radius <= 180.0:
-        raise QueryError(f"cone radius {radius} deg must be in (0, 180].")
+    problem = ("is not three finite numbers" if not all(map(math.isfinite, (ra, dec, radius))) else
+               f"has declination {dec} deg outside [-90, 90]" if not -90.0 <= dec <= 90.0 else
+               f"has radius {radius} deg outside (0, 180]" if not 0.0 < radius <= 180.0 else None)
+    if problem:
+        raise QueryError(f"the cone ({ra}, {dec}, {radius}) {problem}.")
     return ra % 360.0, dec, radius
 
 
@@ -355,7 +327,6 @@ class Catalog:
     def schema(self) -> pa.Schema:
         """Schema of the fragment files (read from the first; the writer writes all alike)."""
         if self._schema is None:
-            import pyarrow.parquet as pq
             try:
                 self._schema = pq.read_schema(self._fragments[0]) if self._fragments else pa.schema([])
             except (OSError, pa.ArrowInvalid) as e:
@@ -370,15 +341,14 @@ class Catalog:
     @property
     def label_names(self) -> list[str]:
         """Fitted labels: from catalog.json, else every column with a matching ``_err`` column."""
-        if self._meta.get("label_names"):
-            return [str(n) for n in self._meta["label_names"]]
-        return [c for c in self.columns if f"{c}_err" in self.columns and c != "rv"]
+        cols = self.columns
+        fallback = [c for c in cols if f"{c}_err" in cols and c != "rv"]
+        return [str(n) for n in self._meta.get("label_names") or fallback]
 
     def _dataset(self, files: Sequence[Path]) -> ds.Dataset:
-        part = pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS])
         return ds.dataset([str(f) for f in files], format="parquet",
-                          schema=pa.unify_schemas([self.schema, part]),
-                          partitioning=ds.partitioning(part, flavor="hive"),
+                          schema=pa.unify_schemas([self.schema, _PART_SCHEMA]),
+                          partitioning=ds.partitioning(_PART_SCHEMA, flavor="hive"),
                           partition_base_dir=str(self.root / paths.DATASET_DIR))
 
     def query(self, where: str | None = None, columns: Sequence[str] | None = None,
@@ -392,11 +362,11 @@ class Catalog:
         """
         self.last_files_read = 0
         schema = self.schema
-        full = pa.unify_schemas([schema, pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS])])
+        full = pa.unify_schemas([schema, _PART_SCHEMA])
         out_cols = list(schema.names) if columns is None else list(dict.fromkeys(columns))
-        for c in out_cols:
-            if c not in full.names:
-                raise _unknown_column(c, schema.names, "--columns")
+        unknown = [c for c in out_cols if c not in full.names]
+        if unknown:
+            raise _unknown_column(unknown[0], schema.names, "--columns")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer))
                                   or limit < 0):
             raise QueryError(f"--limit must be a non-negative integer, not {limit!r}.")
@@ -419,14 +389,10 @@ class Catalog:
         n_rows, done = 0, 0
         step = len(files) if limit is None else 16  # with a limit, stop opening files early
         while done < len(files) and (limit is None or n_rows < limit):
-            chunk = files[done:done + step]
-            done += len(chunk)
-            self.last_files_read = done
-            t = self._read(chunk, read_cols, filt, where)
-            if cone_t is not None and t.num_rows:
-                sep = angular_separation(t.column("ra").to_numpy(zero_copy_only=False),
-                                         t.column("dec").to_numpy(zero_copy_only=False),
-                                         cone_t[0], cone_t[1])
+            t = self._read(files[done:done + step], read_cols, filt, where)
+            done = self.last_files_read = min(done + step, len(files))
+            if cone_t is not None and t.num_rows:  # exact cut on the rows of candidate pixels
+                sep = angular_separation(t["ra"].to_numpy(), t["dec"].to_numpy(), cone_t[0], cone_t[1])
                 t = t.filter(pa.array(sep <= cone_t[2]))
             tables.append(t)
             n_rows += t.num_rows
@@ -438,7 +404,7 @@ class Catalog:
         try:
             return self._dataset(files).to_table(columns=cols, filter=filt)
         except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
             if where is None:
                 raise StoreError(f"cannot read the catalog at {self.root}: {first}.") from None
             raise QueryError(f"could not evaluate --where {where!r}: {first}.") from None
@@ -456,12 +422,9 @@ class Catalog:
         keep: dict[tuple[int, int] | None, bool] = {None: True}
         for norder in {k[0] for k in keys if k is not None}:
             pix = np.array(sorted({k[1] for k in keys if k is not None and k[0] == norder}), np.int64)
-            mask = _pixels_touching_cone(norder, pix, ra, dec, radius) if radius < 180 else np.ones(len(pix), bool)
+            mask = _pixels_touching_cone(norder, pix, ra, dec, radius) if radius < 180 else pix >= 0
             keep.update({(norder, int(p)): bool(m) for p, m in zip(pix, mask)})
         return [f for f, k in zip(files, keys) if keep[k]]
-
-    def __repr__(self) -> str:
-        return f"Catalog({str(self.root)!r}, fragments={len(self._fragments)})"
 
 
 def open_catalog(path: str | os.PathLike) -> Catalog:
@@ -471,26 +434,23 @@ def open_catalog(path: str | os.PathLike) -> Catalog:
         raise StoreError(f"catalog {str(root)!r} does not exist.")
     if not (root / paths.DATASET_DIR).is_dir():
         raise StoreError(f"{str(root)!r} is not a label catalog: it has no {paths.DATASET_DIR}/ directory.")
-    meta: Any = {}
     meta_path = root / paths.CATALOG_META
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            raise StoreError(f"cannot read {meta_path}: {e}.") from None
-        if not isinstance(meta, dict):
-            raise StoreError(f"{meta_path} is not a JSON object.")
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise StoreError(f"cannot read {meta_path}: {e}.") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{meta_path} is not a JSON object.")
     return Catalog(root, meta)
 
 
 def _pylist(col: pa.ChunkedArray) -> list[Any]:
     """Python values; float32 by its shortest repr (5000.1, not 5000.10009765625), NaN as None."""
-    values = col.to_pylist()
-    if pa.types.is_floating(col.type):
-        short = pa.types.is_float32(col.type) or pa.types.is_float16(col.type)
-        values = [None if v is None or not math.isfinite(v) else float(str(np.float32(v))) if short else v
-                  for v in values]
-    return values
+    if not pa.types.is_floating(col.type):
+        return col.to_pylist()
+    short = col.type.bit_width <= 32
+    return [None if v is None or not math.isfinite(v) else float(str(np.float32(v))) if short else v
+            for v in col.to_pylist()]
 
 
 def _text_table(table: pa.Table, max_rows: int) -> str:
@@ -506,42 +466,34 @@ def _text_table(table: pa.Table, max_rows: int) -> str:
     return "\n".join(["  ".join(parts).rstrip() for parts in zip(*cols)] + [footer]) + "\n"
 
 
-def _write_atomic(out: Path, data: bytes) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temp_path(out)
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
-
-
 def format_table(table: pa.Table, fmt: str = "table", out: str | os.PathLike | None = None,
                  *, max_rows: int = 20) -> str | None:
     """Render a query result as "table" (aligned text, first ``max_rows`` rows and a row-count
     footer), "csv", "json" (array of records, NaN as null) or "parquet" (needs ``out``).
 
     Returns the text when ``out`` is None (the caller prints it); otherwise writes ``out``
-    atomically (temporary sibling, then rename) and returns None.
+    atomically (hidden temporary sibling, then rename) and returns None.
     """
     fmt = str(fmt).lower()
+    if fmt not in ("table", "csv", "json", "parquet"):
+        raise QueryError(f"unknown output format {fmt!r}; use table, csv, json or parquet.")
+    if fmt == "parquet" and out is None:
+        raise QueryError("--format parquet needs an output file (--out PATH).")
     buf = io.BytesIO()
     if fmt == "parquet":
-        if out is None:
-            raise QueryError("--format parquet needs an output file (--out PATH).")
-        import pyarrow.parquet as pq
         pq.write_table(table, buf)
-        _write_atomic(Path(out), buf.getvalue())
-        return None
-    if fmt == "table":
-        text = _text_table(table, max_rows)
     elif fmt == "csv":
         import pyarrow.csv as pcsv
         pcsv.write_csv(table, buf)
-        text = buf.getvalue().decode()
     elif fmt == "json":
         cols = {name: _pylist(table.column(name)) for name in table.column_names}
-        text = json.dumps([dict(zip(cols, row)) for row in zip(*cols.values())], default=str) + "\n"
+        buf.write(json.dumps([dict(zip(cols, r)) for r in zip(*cols.values())], default=str).encode() + b"\n")
     else:
-        raise QueryError(f"unknown output format {fmt!r}; use table, csv, json or parquet.")
+        buf.write(_text_table(table, max_rows).encode())
     if out is None:
-        return text
-    _write_atomic(Path(out), text.encode())
+        return buf.getvalue().decode()
+    final = Path(out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    paths.temp_path(final).write_bytes(buf.getvalue())
+    os.replace(paths.temp_path(final), final)  # readers never see a half-written file
     return None
