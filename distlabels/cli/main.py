@@ -16,6 +16,9 @@ from ..errors import DistlabelsError
 
 EPILOG = "Docs: README.md and DESIGN.md. Every subcommand has --help."
 
+# Modules (under distlabels.cli) that add subcommands; see build_parser.
+EXTRA_COMMAND_MODULES: list[str] = []
+
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -275,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--task-rows", type=int, help="spectra per task (default 250)")
     pd.add_argument("--out-dir", help="where model, store, catalog and plots go (default demo_output/)")
     pd.add_argument("--no-progress", action="store_true")
+
+    # Subcommands of other areas live in their own modules: each has register(sub, add), where
+    # add(name, help, func) returns a subparser that already has --config.
+    import importlib
+
+    for mod in EXTRA_COMMAND_MODULES:
+        importlib.import_module(mod).register(sub, add)
     return p
 
 
