@@ -6,16 +6,16 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
-PIP_QUIET ?= -q
+PIPFLAGS ?= -q
 
 .PHONY: demo test install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
+	$(PY) -m pip install $(PIPFLAGS) --upgrade pip
 	@# torch first: a bare torch requirement with no torch installed pulls a multi-GB CUDA build.
-	$(PY) -m pip install $(PIP_QUIET) "$(TORCH)"
-	$(PY) -m pip install $(PIP_QUIET) -e ".[data,test]"
+	$(PY) -m pip install $(PIPFLAGS) "$(TORCH)"
+	$(PY) -m pip install $(PIPFLAGS) -e ".[data,test]"
 	touch $@
 
 install: $(VENV)/.installed
