@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install $(PIPFLAGS) --upgrade pip
 	@# torch first: a bare torch requirement with no torch installed pulls a multi-GB CUDA build.
 	$(PY) -m pip install $(PIPFLAGS) "$(TORCH)"
-	$(PY) -m pip install $(PIPFLAGS) -e ".[data,test]"
+	$(PY) -m pip install $(PIPFLAGS) -e ".[data,test,bench]"
 	touch $@
 
 install: $(VENV)/.installed
