@@ -73,6 +73,25 @@ class RunConfig:
     fit: FitConfig = field(default_factory=FitConfig)
 
 
+@dataclass(frozen=True)
+class IngestConfig:
+    """Settings of ``distlabels ingest`` (:mod:`distlabels.pipeline.ingest`)."""
+
+    survey: str = "auto"               # auto | lamost | desi | boss | apogee
+    grid: str = "native"               # native | a model directory (resample onto its grid)
+    select: str | None = None          # row filter over distlabels.io.ingest.SELECT_SCHEMA; None: is_star
+    visits: bool = False               # also ingest single-visit spectra a file holds (apStar)
+    cluster: str = "local"             # local | tcp://scheduler:8786
+    workers: int | None = None         # LocalCluster workers (default: one per core)
+    threads_per_worker: int = 1
+    files_per_task: int | None = None  # default: <= 256 MB of input per task, >= 4 tasks per worker
+    fragment_mb: float = 128.0         # target size of a store fragment (rows per sky partition follow)
+    max_rows_per_fragment: int | None = None   # overrides fragment_mb (tests, small stores)
+    retries: int = 2
+    overwrite: bool = False
+    progress: bool = True
+
+
 def _coerce(cls, data: dict[str, Any]):
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))

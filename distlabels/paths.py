@@ -7,6 +7,8 @@ Stores and catalogs share one HATS-style layout::
       store.json | catalog.json          description (grid, medium, counts, provenance)
       _run.json                          catalog only: model sha256, config hash, store manifest
       _quarantine/                       inputs that could not be used (one fragment per task)
+      _ingest/                           store only: work files of an ingest run (map outputs,
+                                         plan, done markers); removed when the run completes
       _failures.parquet                  partitions that kept failing
       dataset/Norder=K/Dir=D/Npix=N/     one directory per sky pixel (nested HEALPix, order K)
           part-XXXX.parquet              fragments; written as .part-XXXX.parquet.tmp then renamed
@@ -27,6 +29,7 @@ QUARANTINE_DIR = "_quarantine"
 FAILURES_FILE = "_failures.parquet"
 MODEL_META = "model.json"
 MODEL_WEIGHTS = "weights.safetensors"
+INGEST_DIR = "_ingest"
 HEALPIX_COLUMN = "_healpix_29"
 HEALPIX_ORDER = 29
 
@@ -58,6 +61,21 @@ def parse_pixel_dir(path: str | os.PathLike) -> tuple[int, int]:
     if norder is None or npix is None:
         raise ValueError(f"{path} is not inside a Norder=K/Dir=D/Npix=N directory")
     return norder, npix
+
+
+def quarantine_path(root: str | os.PathLike, task: str) -> Path:
+    """Quarantine fragment of one task (path, HDU, row, reason of every input it could not use)."""
+    return Path(root) / QUARANTINE_DIR / f"{task}.parquet"
+
+
+def list_quarantine(root: str | os.PathLike) -> list[Path]:
+    base = Path(root) / QUARANTINE_DIR
+    return sorted(p for p in base.glob("*.parquet") if not p.name.startswith(".")) if base.is_dir() else []
+
+
+def ingest_work_dir(root: str | os.PathLike) -> Path:
+    """Work area of an ingest run: map outputs (``map/``), plan files, done markers."""
+    return Path(root) / INGEST_DIR
 
 
 def list_fragments(root: str | os.PathLike) -> list[Path]:

@@ -50,6 +50,9 @@ def result_table(inputs: pa.Table, result: FitResult, model_id: str) -> pa.Table
     flags = result.flags.astype(np.int64)
     if "ingest_flags" in inputs.column_names:
         cols["ingest_flags"] = inputs.column("ingest_flags")
+    for c in ("star_id", "primary", "bary_corr_kms"):   # stores made by `distlabels ingest`
+        if c in inputs.column_names:
+            cols[c] = inputs.column(c)
     cols["flags"] = pa.array(flags)
     cols["model_id"] = pa.array([model_id] * n, pa.string())
     for c in inputs.column_names:

@@ -17,7 +17,7 @@ from ..errors import DistlabelsError
 EPILOG = "Docs: README.md and DESIGN.md. Every subcommand has --help."
 
 # Modules (under distlabels.cli) that add subcommands; see build_parser.
-EXTRA_COMMAND_MODULES: list[str] = []
+EXTRA_COMMAND_MODULES: list[str] = ["distlabels.cli.ingest"]
 
 
 def _csv(text: str) -> list[str]:
