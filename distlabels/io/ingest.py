@@ -43,6 +43,7 @@ from .store import write_fragment, write_json_atomic
 from .wavelength import to_vacuum
 
 FORMAT_VERSION = "distlabels-ingest/1"
+MAP_ROW_GROUP = 128             # rows per row group of a map output (~4 MB of LAMOST spectra)
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fits.fz", ".fz", ".fits.bz2")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
@@ -282,6 +283,19 @@ class _Acc:
     n_rows: int = 0
 
 
+def _check_loaded(lf: LoadedFile) -> None:
+    """A loader's output must be self-consistent before it joins the task's rows."""
+    n, m = lf.flux.shape
+    if lf.ivar.shape != (n, m) or lf.mask.shape != (n, m) or m != lf.grid.n_pix:
+        raise LayoutError(f"flux {lf.flux.shape}, ivar {lf.ivar.shape}, mask {lf.mask.shape} and the "
+                          f"{lf.grid.n_pix}-pixel grid disagree")
+    bad = [k for k, v in lf.rows.items() if len(v) != n]
+    if bad:
+        raise LayoutError(f"per-spectrum fields {', '.join(bad)} do not have {n} rows")
+    if any(not s for s in lf.rows["source_id"]):
+        raise LayoutError("a spectrum has no identifier")
+
+
 def _collect(acc: _Acc, lf: LoadedFile, path: str, spec: IngestSpec, resamplers: _Resamplers | None) -> bool:
     """Add one file's spectra to ``acc``; returns True if the run resampled onto a finer grid."""
     flux, ivar, mask = lf.flux, lf.ivar, lf.mask
@@ -381,14 +395,16 @@ def map_task(index: int, name: str, files: list[str], spec: IngestSpec, store_ro
                 raise LayoutError(f"{lf.layout} spectra have per-file wavelengths: ingest them with --grid MODEL_DIR")
             if lf.n == 0:
                 raise LayoutError("the file holds no spectra")
+            _check_loaded(lf)
+            up = _collect(acc, lf, path, spec, resamplers)
         except Exception as e:  # any failure to read one file quarantines that file, never the run
             quarantine.append(dict(path=path, hdu=None, row=None, source_id=None, reason=_reason(e)))
             continue
+        upsampled |= up
         n_files_ok += 1
         layouts[lf.layout] = layouts.get(lf.layout, 0) + 1
         for hdu, row, why in lf.rejected:
             quarantine.append(dict(path=path, hdu=hdu, row=row, source_id=None, reason=why))
-        upsampled |= _collect(acc, lf, path, spec, resamplers)
     cols = {k: (np.concatenate(v) if v else np.zeros(0, ROW_FIELDS[k][0])) for k, v in acc.cols.items()}
     snr = np.concatenate(acc.snr) if acc.snr else np.zeros(0, np.float32)
     flags = np.concatenate(acc.flags) if acc.flags else np.zeros(0, np.int32)
@@ -399,7 +415,7 @@ def map_task(index: int, name: str, files: list[str], spec: IngestSpec, store_ro
     n_pix = np.concatenate(acc.n_pix) if acc.n_pix else np.zeros(0, np.int32)
     table = _map_table(index, LOADERS[spec.family].survey, acc, cols, snr, flags, keep, n_pix)
     out = work / f"{name}.parquet"
-    write_fragment(table, out)
+    write_intermediate(table, out, row_group_size=MAP_ROW_GROUP)
     _write_quarantine(store_root, name, quarantine, "map")
     result = {"task": name, "index": index, "n_files": len(files), "n_files_ok": n_files_ok,
               "n_files_quarantined": len(files) - n_files_ok, "n_spectra_read": int(acc.n_rows),
@@ -440,6 +456,16 @@ def _map_table(index: int, survey: str, acc: _Acc, cols, snr, flags, keep, n_pix
     t = pa.table(data)
     order = np.lexsort((t.column("_row_key").to_numpy(), hp))
     return t.take(pa.array(order))
+
+
+def write_intermediate(table: pa.Table, final: Path, row_group_size: int) -> Path:
+    """Atomic write of a work file: small row groups so a reduce task reads only its sky range
+    (rows are sorted by _healpix_29, so row-group statistics prune the rest); lz4 for speed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = paths.temp_path(final)
+    pq.write_table(table, tmp, compression="lz4", row_group_size=max(int(row_group_size), 1))
+    os.replace(tmp, final)
+    return final
 
 
 def _reason(e: BaseException) -> str:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from .. import paths
 from ..healpix import ORDER_MAX, parent_pixel
-from .ingest import TargetGrid, write_quarantine
+from .ingest import TargetGrid, write_intermediate, write_quarantine
 from .store import list_column, write_fragment, write_json_atomic
 
 HIST_ORDER = 8
@@ -168,7 +168,7 @@ def plan_task(store_root: str, map_files: list[str], target: TargetGrid | None,
     keep = pa.table({"_row_key": pa.array(rk[kept][srt]), paths.HEALPIX_COLUMN: pa.array(hp[srt]),
                      "primary": pa.array(primary[srt])})
     keep_path = paths.ingest_work_dir(store_root) / "keep.parquet"
-    write_fragment(keep, keep_path)
+    write_intermediate(keep, keep_path, row_group_size=8192)
     pix, cnt = np.unique(parent_pixel(hp, HIST_ORDER), return_counts=True)
     return {"n_rows": n, "keys": counts, "major": major, "grid": asdict(plan), "n_kept": int(len(kept)),
             "n_duplicates": n_dup, "n_offgrid": int((~valid).sum()), "hist_pix": pix.tolist(),
@@ -227,14 +227,20 @@ def _done_marker(store_root: str, norder: int, npix: int) -> Path:
     return paths.ingest_work_dir(store_root) / "done" / f"Norder={norder}-Npix={npix}.json"
 
 
+def plan_id(grid: dict[str, Any], map_files: dict[int, str], max_rows: int, parts) -> str:
+    """Identity of a reduce plan: a done marker from another plan is stale."""
+    blob = json.dumps([grid, sorted(map_files.items()), int(max_rows), [list(p) for p in parts]], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def reduce_partition(store_root: str, norder: int, npix: int, grid: dict[str, Any], map_files: dict[int, str],
-                     max_rows: int) -> dict[str, Any]:
-    """Write the store fragments of one sky partition; idempotent (done marker with the grid hash)."""
+                     max_rows: int, plan_hash: str = "") -> dict[str, Any]:
+    """Write the store fragments of one sky partition; idempotent (done marker with the plan's id)."""
     plan = GridPlan(**{**grid, "table": tuple(grid["table"]) if grid.get("table") else None})
     marker = _done_marker(store_root, norder, npix)
     if marker.is_file():
         prev = json.loads(marker.read_text())
-        if prev.get("grid_hash") == plan.hash and all((Path(store_root) / f).is_file() for f in prev["fragments"]):
+        if prev.get("plan") == plan_hash and all((Path(store_root) / f).is_file() for f in prev["fragments"]):
             return prev
     t0 = time.perf_counter()
     root = Path(store_root)
@@ -274,7 +280,7 @@ def reduce_partition(store_root: str, norder: int, npix: int, grid: dict[str, An
         u, c = np.unique(r, return_counts=True)
         res_counts = {int(a): int(b) for a, b in zip(u, c)}
     result = {"norder": norder, "npix": npix, "n_rows": 0 if t is None else t.num_rows, "fragments": fragments,
-              "grid_hash": plan.hash, "resolution_counts": res_counts, "seconds": time.perf_counter() - t0}
+              "plan": plan_hash, "resolution_counts": res_counts, "seconds": time.perf_counter() - t0}
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, result)
     return result

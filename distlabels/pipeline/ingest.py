@@ -27,8 +27,8 @@ from ..errors import DistlabelsError, QueryError
 from ..io.ingest import (DEFAULT_SELECT, FORMAT_VERSION, SELECT_SCHEMA, IngestSpec, TargetGrid, choose_family,
                          expand_inputs, inputs_fingerprint, make_batches, map_task, read_quarantine, task_name,
                          write_quarantine)
-from ..io.ingest_plan import (HIST_ORDER, MIXED_SHARE, GridPlan, median_from_counts, plan_partitions, plan_task,
-                              reduce_partition, segments_for)
+from ..io.ingest_plan import (HIST_ORDER, MIXED_SHARE, GridPlan, median_from_counts, plan_id, plan_partitions,
+                              plan_task, reduce_partition, segments_for)
 from ..io.loaders import SURVEYS
 from ..io.loaders.base import LoaderOptions
 from ..io.store import write_json_atomic
@@ -237,7 +237,8 @@ def _finish(client, results, spec: IngestSpec, root: Path, cfg: IngestConfig, su
     max_rows = cfg.max_rows_per_fragment or max(int(cfg.fragment_mb * 1e6 / bytes_per_row), 1)
     parts = plan_partitions(np.asarray(plan["hist_pix"], np.int64), np.asarray(plan["hist_counts"], np.int64),
                             HIST_ORDER, max_rows)
-    futures = {client.submit(reduce_partition, str(root), o, p, plan["grid"], map_files, max_rows, pure=False,
+    pid = plan_id(plan["grid"], map_files, max_rows, parts)
+    futures = {client.submit(reduce_partition, str(root), o, p, plan["grid"], map_files, max_rows, pid, pure=False,
                              retries=cfg.retries, key=f"ingest-reduce-{o}-{p}"): (o, p, n) for o, p, n in parts}
     bar = _progress(sum(n for *_, n in parts), "ingest: write", "spec", cfg.progress)
     reduced, failed = [], []

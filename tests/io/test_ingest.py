@@ -179,3 +179,14 @@ def test_table_grids_must_match_and_apvisit_needs_a_model_grid(tmp_path):
     r = map_task(0, "m", [str(tmp_path / "v.fits")], spec, str(tmp_path / "sv"))
     q = read_quarantine(tmp_path / "sv").to_pylist()
     assert r["n_files_quarantined"] == 1 and "--grid MODEL_DIR" in q[0]["reason"]
+
+
+def test_reduce_is_idempotent_and_resumes_from_done_markers(tmp_path):
+    ff.lamost_set(tmp_path / "in", n=4, seed=9)
+    files = expand_inputs([str(tmp_path / "in")])
+    spec = IngestSpec(family="lamost")
+    run_stages(tmp_path / "s", files, spec, max_rows=2)
+    frags = paths.list_fragments(tmp_path / "s")
+    stamp = {f: f.stat().st_mtime_ns for f in frags}
+    _, _, t = run_stages(tmp_path / "s", files, spec, max_rows=2)         # a retried run: markers say done
+    assert {f: f.stat().st_mtime_ns for f in paths.list_fragments(tmp_path / "s")} == stamp and t.num_rows == 4

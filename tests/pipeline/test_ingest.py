@@ -204,3 +204,17 @@ def test_closed_loop_mock_lamost_files_ingest_and_fit(tmp_path, client, bossbrai
     a = -off
     ok = np.isfinite(f[a:a + len(src)])
     np.testing.assert_array_equal(f[a:a + len(src)][ok], src[ok])
+
+
+def test_nothing_ingested_exits_1_and_says_why(tmp_path, client, capsys):
+    from distlabels.cli.main import main
+
+    for k in range(2):
+        ff.write_lamost(tmp_path / f"g{k}.fits", obsid=k + 1, ra=1.0, dec=1.0, flux=np.ones(100, np.float32),
+                        ivar=np.ones(100, np.float32), cls="GALAXY")
+    rc = main(["ingest", str(tmp_path), "--out", str(tmp_path / "s"), "--cluster", client.scheduler.address,
+               "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 1 and "0 spectra written" in out.out
+    assert out.err.strip().startswith("distlabels: error: nothing was ingested") and "2 spectra not selected" in out.err
+    assert not (tmp_path / "s" / "store.json").exists()
