@@ -76,6 +76,14 @@ def loader_read(files: list[str]) -> int:
     return n
 
 
+def _warm() -> None:
+    """Import what a map task needs (astropy.io.fits, astropy_healpix, pyarrow) once per worker."""
+    import distlabels.io.ingest  # noqa: F401
+    from distlabels.healpix import healpix29
+
+    healpix29(np.array([1.0]), np.array([1.0]))
+
+
 def timed(fn, *a, **kw):
     t = time.perf_counter()
     r = fn(*a, **kw)
@@ -119,7 +127,7 @@ def main(argv=None) -> None:
             cluster = LocalCluster(n_workers=w, threads_per_worker=1, processes=True, dashboard_address=":0",
                                    silence_logs=logging.ERROR)
             client = Client(cluster)
-            client.run(lambda: __import__("distlabels.io.ingest"))     # worker imports outside the clock
+            client.run(_warm)                                           # worker imports outside the clock
             t_start = time.perf_counter() - t0
             out = work / f"store-{w}"
             t, s = timed(run_ingest, [str(work / "fits")], out, IngestConfig(progress=False, overwrite=True),

@@ -39,7 +39,7 @@ from ..healpix import healpix29
 from .loaders import LOADERS, LayoutError, LoadedFile, LoaderOptions, identify_file, read_file
 from .loaders.base import ROW_FIELDS, SELECTION_ONLY, median_snr
 from .resample import Resampler
-from .store import write_fragment, write_json_atomic
+from .store import list_column, write_fragment, write_json_atomic
 from .wavelength import to_vacuum
 
 FORMAT_VERSION = "distlabels-ingest/1"
@@ -278,6 +278,7 @@ class _Acc:
     layout: list = field(default_factory=list)
     snr: list = field(default_factory=list)
     flags: list = field(default_factory=list)
+    res_seg: list = field(default_factory=list)     # (n, n_segments) R per arm/chip
     facts: dict = field(default_factory=dict)
     tables: dict = field(default_factory=dict)     # grid key -> wavelengths, for table grids
     n_rows: int = 0
@@ -311,6 +312,10 @@ def _collect(acc: _Acc, lf: LoadedFile, path: str, spec: IngestSpec, resamplers:
             acc.tables[key] = list(lf.grid.table)
     snr = median_snr(flux, ivar)
     fl = _flags(flux, ivar, mask, lf.rows["ra"], lf.rows["dec"], lf.rows["survey_flags"], span)
+    n_seg = len(lf.facts.split_aa) + 1
+    rs = lf.resolution_segments
+    if rs is None or rs.shape != (lf.n, n_seg):
+        rs = np.repeat(np.asarray(lf.rows["resolution"], np.float64)[:, None], n_seg, axis=1)
     for k in ROW_FIELDS:
         acc.cols[k].append(lf.rows[k])
     acc.flux.append(np.ascontiguousarray(flux, np.float32).ravel())
@@ -323,6 +328,7 @@ def _collect(acc: _Acc, lf: LoadedFile, path: str, spec: IngestSpec, resamplers:
     acc.layout += [lf.layout] * lf.n
     acc.snr.append(snr)
     acc.flags.append(fl)
+    acc.res_seg.append(np.asarray(rs, np.float32))
     acc.facts.setdefault(lf.facts.family, asdict(lf.facts))
     acc.n_rows += lf.n
     return up
@@ -443,6 +449,8 @@ def _map_table(index: int, survey: str, acc: _Acc, cols, snr, flags, keep, n_pix
         "mask": _list_array(acc.mask, n_pix, keep, np.bool_),
         "ingest_flags": pa.array(flags[idx], pa.int32()),
     }
+    rs = np.concatenate(acc.res_seg)[idx] if acc.res_seg else np.zeros((0, 1), np.float32)
+    data["resolution_segments"] = list_column(rs.astype(np.float32))
     for k, (dtype, _) in ROW_FIELDS.items():
         if k in data or k in SELECTION_ONLY or k in ("source_id", "star_id", "ra", "dec"):
             continue

@@ -43,8 +43,8 @@ INDEX_COLUMNS = ["source_id", "star_id", "snr", "ingest_flags", paths.HEALPIX_CO
                  "_n_pix", "_grid_key", "file_path", "file_hdu", "file_row"]
 STORE_COLUMN_ORDER = ["source_id", "star_id", "primary", "survey", "ra", "dec", paths.HEALPIX_COLUMN, "snr", "flux",
                       "ivar", "mask", "ingest_flags", "mjd", "bary_corr_kms", "survey_rv_kms", "survey_snr",
-                      "survey_class", "survey_subclass", "survey_flags", "resolution", "file_path", "file_hdu",
-                      "file_row"]
+                      "survey_class", "survey_subclass", "survey_flags", "resolution", "resolution_segments",
+                      "file_path", "file_hdu", "file_row"]
 INTERNAL = ("_row_key", "_lat_pos", "_n_pix", "_grid_key")
 
 
@@ -263,6 +263,7 @@ def reduce_partition(store_root: str, norder: int, npix: int, grid: dict[str, An
     t = pa.concat_tables(tables, promote_options="default") if tables else None
     fragments: list[str] = []
     res_counts: dict[int, int] = {}
+    seg_counts: list[dict[int, int]] = []
     if t is not None and t.num_rows:
         rk = t.column("_row_key").to_numpy()
         srt_k = np.argsort(rk_keep)
@@ -275,15 +276,25 @@ def reduce_partition(store_root: str, norder: int, npix: int, grid: dict[str, An
             final = paths.fragment_path(store_root, norder, npix, f"part-{k:04d}")
             write_fragment(t.slice(start, max_rows), final, {"distlabels_grid": plan.hash})
             fragments.append(str(final.relative_to(root)))
-        r = np.round(t.column("resolution").to_numpy(zero_copy_only=False).astype(np.float64))
-        r = r[np.isfinite(r)].astype(np.int64)
-        u, c = np.unique(r, return_counts=True)
-        res_counts = {int(a): int(b) for a, b in zip(u, c)}
+        res_counts = _round_counts(t.column("resolution").to_numpy(zero_copy_only=False))
+        rs = t.column("resolution_segments").combine_chunks()
+        n_seg = len(rs[0]) if len(rs) else 0
+        flat = rs.flatten().to_numpy(zero_copy_only=False).reshape(-1, n_seg) if n_seg else np.zeros((0, 0))
+        seg_counts = [_round_counts(flat[:, k]) for k in range(n_seg)]
     result = {"norder": norder, "npix": npix, "n_rows": 0 if t is None else t.num_rows, "fragments": fragments,
-              "plan": plan_hash, "resolution_counts": res_counts, "seconds": time.perf_counter() - t0}
+              "plan": plan_hash, "resolution_counts": res_counts, "resolution_segment_counts": seg_counts,
+              "seconds": time.perf_counter() - t0}
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, result)
     return result
+
+
+def _round_counts(values) -> dict[int, int]:
+    """{round(R): count} of the finite values: a compact, mergeable summary for medians."""
+    r = np.asarray(values, np.float64)
+    r = np.round(r[np.isfinite(r)]).astype(np.int64)
+    u, c = np.unique(r, return_counts=True)
+    return {int(a): int(b) for a, b in zip(u, c)}
 
 
 def _aligned(t: pa.Table, plan: GridPlan, primary: np.ndarray) -> pa.Table:

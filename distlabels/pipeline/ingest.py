@@ -268,9 +268,16 @@ def _finish(client, results, spec: IngestSpec, root: Path, cfg: IngestConfig, su
     rows_q = q.filter(q.column("row").is_valid()) if q.num_rows else q
     summary.n_spectra_quarantined = rows_q.num_rows
     res_counts: dict[int, int] = {}
+    seg_counts: list[dict[int, int]] = []
     for r in reduced:
         for k, v in r["resolution_counts"].items():
             res_counts[int(k)] = res_counts.get(int(k), 0) + v
+        for j, d in enumerate(r.get("resolution_segment_counts", [])):
+            while len(seg_counts) <= j:
+                seg_counts.append({})
+            for k, v in d.items():
+                seg_counts[j][int(k)] = seg_counts[j].get(int(k), 0) + v
+    res_counts = {"all": res_counts, "segments": seg_counts}
     summary.wall_s = time.perf_counter() - t0
     meta = _store_meta(results, plan, spec, summary, res_counts, identity, max_rows, parts)
     write_json_atomic(root / paths.STORE_META, meta)
@@ -285,7 +292,10 @@ def _store_meta(results, plan, spec: IngestSpec, summary: IngestSummary, res_cou
     for r in results:
         for k, v in r["layouts"].items():
             layouts[k] = layouts.get(k, 0) + v
-    resolution = median_from_counts(res_counts) or facts.get("resolution")
+    resolution = median_from_counts(res_counts["all"]) or facts.get("resolution")
+    segments = segments_for(wave, tuple(facts["split_aa"]))
+    per_seg = [median_from_counts(c) for c in res_counts["segments"] if c]
+    per_seg = per_seg if len(per_seg) == len(segments) else None
     grid_desc = {"kind": grid.kind, "n_pix": grid.n_pix}
     if grid.kind == "loglam":
         grid_desc.update(log10_start=(grid.p0 + grid.phase) * grid.step, log10_step=grid.step)
@@ -298,8 +308,8 @@ def _store_meta(results, plan, spec: IngestSpec, summary: IngestSummary, res_cou
         "survey": facts["survey"], "family": facts["family"], "layouts": layouts,
         "wavelength_aa": wave.tolist(), "wavelength_medium": grid.medium, "rv_frame": facts["rv_frame"],
         "velocity_frame": facts["velocity_frame"], "bary_corr_applied": bool(facts["bary_corr_applied"]),
-        "resolution": resolution, "resolution_source": facts["resolution_source"],
-        "segments": segments_for(wave, tuple(facts["split_aa"])), "flux_normalized": bool(facts["flux_normalized"]),
+        "resolution": resolution, "resolution_per_segment": per_seg, "resolution_source": facts["resolution_source"],
+        "segments": segments, "flux_normalized": bool(facts["flux_normalized"]),
         "grid": grid_desc, "n_spectra": summary.n_spectra_written, "n_stars": summary.n_stars,
         "n_fragments": summary.n_fragments, "n_pix": grid.n_pix, "hats_order": max(norders) if norders else 0,
         "hats_orders": norders, "max_rows_per_fragment": max_rows,

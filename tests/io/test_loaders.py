@@ -2,9 +2,6 @@
 each documented layout by tests/io/fits_factory.py, read back exactly."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -13,17 +10,7 @@ from distlabels.io.loaders import LOADERS, LayoutError, identify_file, loaders_f
 from distlabels.io.loaders.apogee import ASPCAP_SLICES, BAD_PIXMASK
 from distlabels.io.loaders.base import LoaderOptions
 from tests.io import fits_factory as ff
-
-
-def package_data(pkg: str, name: str) -> Path:
-    """A data file of an installed package, located without importing the package."""
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{pkg} is not installed (pip install 'distlabels[data]')")
-    p = Path(list(spec.submodule_search_locations)[0]) / "data" / name
-    if not p.is_file():
-        pytest.skip(f"{pkg} has no data/{name}")
-    return p
+from tests.io.fits_factory import package_data
 
 
 def _read(path, survey="auto", **opt):

@@ -108,6 +108,7 @@ class LoadedFile:
     mask: np.ndarray                  # (n, n_pix) bool, True = unusable pixel
     rows: dict[str, np.ndarray]       # ROW_FIELDS name -> (n,) array
     rejected: list[tuple[int | None, int | None, str]] = field(default_factory=list)  # (hdu, row, reason)
+    resolution_segments: np.ndarray | None = None   # (n, len(facts.split_aa) + 1) R per arm/chip, if known
 
     @property
     def n(self) -> int:
@@ -253,6 +254,18 @@ def row_median(values: np.ndarray, prefer: np.ndarray) -> np.ndarray:
         miss = ~np.isfinite(out)
         if miss.any():
             out[miss] = np.nanmedian(v[miss], axis=1)
+    return out
+
+
+def segment_medians(values: np.ndarray, wave_aa: np.ndarray, split_aa: tuple[float, ...],
+                    prefer: np.ndarray) -> np.ndarray:
+    """(n, len(split_aa) + 1) per-row medians of ``values`` (n, m) in each wavelength segment."""
+    edges = np.concatenate([[-np.inf], np.sort(split_aa), [np.inf]])
+    out = np.full((len(values), len(edges) - 1), np.nan)
+    for k in range(len(edges) - 1):
+        sel = (wave_aa >= edges[k]) & (wave_aa < edges[k + 1])
+        if sel.any():
+            out[:, k] = row_median(values[:, sel], prefer[:, sel])
     return out
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import register_loader
 from .base import (C_KMS, LayoutError, LoadedFile, SurveyFacts, header_float, header_value, loglam_grid_from,
-                   make_rows, r_from_sigma_loglam, row_median, sanitize)
+                   make_rows, r_from_sigma_loglam, row_median, sanitize, segment_medians)
 
 FACTS = SurveyFacts(survey="boss", family="boss", wavelength_medium="vacuum", rv_frame="observed",
                     velocity_frame="heliocentric", bary_corr_applied=True, resolution=2000.0,
@@ -80,8 +80,9 @@ def load_boss(hdul, path: str, options) -> LoadedFile:
     if "wdisp" in c:
         r_pix = r_from_sigma_loglam(np.asarray(tab[c["wdisp"]], dtype=np.float64) * grid.step)
         resolution = float(row_median(r_pix[None, :], ~mask)[0])
+        res_seg = segment_medians(r_pix[None, :], grid.wavelength_aa(), FACTS.split_aa, ~mask)
     else:
-        resolution = np.nan
+        resolution, res_seg = np.nan, None
     spall = hdul[2].data
     if spall is None or len(spall) < 1:
         raise LayoutError("the SPALL/SPECOBJ table in HDU 2 is empty")
@@ -108,4 +109,4 @@ def load_boss(hdul, path: str, options) -> LoadedFile:
         survey_snr=float(_get(rec, n2, "SN_MEDIAN_ALL", np.nan)), survey_class=cls,
         survey_subclass=str(_get(rec, n2, "SUBCLASS", "")), survey_flags=int(_get(rec, n2, "ZWARNING", 0)),
         resolution=resolution, file_hdu=1, file_row=0, is_star=cls == "STAR")
-    return LoadedFile("boss-spec", FACTS, grid, flux, ivar, mask, rows)
+    return LoadedFile("boss-spec", FACTS, grid, flux, ivar, mask, rows, resolution_segments=res_seg)

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import register_loader
 from .base import (LayoutError, LoadedFile, PixelGrid, SurveyFacts, header_value, linear_grid_from, make_rows,
-                   row_median, sanitize)
+                   row_median, sanitize, segment_medians)
 
 ARMS = ("B", "R", "Z")
 NOMINAL_R = 3000.0
@@ -198,7 +198,12 @@ def load_desi(hdul, path: str, options) -> LoadedFile:
         r_pix = np.where(rden > 0, rnum / rden, np.nan)
     ivar = den.astype(np.float32)
     mask = ~(ivar > 0)
-    resolution = row_median(r_pix, ~mask) if np.isfinite(r_pix).any() else np.full(nspec, NOMINAL_R)
+    grid = PixelGrid("linear", start, step, n_pix)
+    if np.isfinite(r_pix).any():
+        resolution = row_median(r_pix, ~mask)
+        res_seg = segment_medians(r_pix, grid.wavelength_aa(), FACTS.split_aa, ~mask)
+    else:
+        resolution, res_seg = np.full(nspec, NOMINAL_R), None
     targetid = np.asarray(fm[names["TARGETID"]], np.int64)
     is_spectra = "EXPID" in names and "COADD_NUMEXP" not in names and _hdu(hdul, "EXP_FIBERMAP") is None
     if is_spectra:
@@ -219,4 +224,4 @@ def load_desi(hdul, path: str, options) -> LoadedFile:
         file_row=np.arange(nspec), is_star=((desi_t & STAR_DESI_BITS) != 0) | (mws_t != 0),
         desi_target=desi_t, bgs_target=_target_bits(fm, names, survey, "BGS"), mws_target=mws_t)
     layout = "desi-spectra" if is_spectra else "desi-coadd"
-    return LoadedFile(layout, FACTS, PixelGrid("linear", start, step, n_pix), flux, ivar, mask, rows)
+    return LoadedFile(layout, FACTS, grid, flux, ivar, mask, rows, resolution_segments=res_seg)

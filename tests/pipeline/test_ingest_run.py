@@ -22,7 +22,7 @@ from distlabels.io.wavelength import vacuum_to_air
 from distlabels.pipeline import GridSpec
 from distlabels.pipeline.ingest import run_ingest
 from tests.io import fits_factory as ff
-from tests.io.test_loaders import package_data
+from tests.io.fits_factory import package_data
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,13 @@ def test_desi_coadds_one_primary_per_target(tmp_path, client):
     assert (df.groupby("star_id").primary.sum() == 1).all()
     assert meta["n_pix"] == 7781 and meta["wavelength_aa"][0] == 3600.0
     assert [round(x) for x in np.asarray(meta["segments"]).ravel()] == [3600, 5780, 5780, 7570, 7570, 9824]
+    # per-arm resolution from the resolution matrices (sigma 1.0, 0.9, 0.8 px): R = lambda / (2.355 sigma 0.8 A)
+    d = 5 - np.arange(11)
+    sig = [np.sqrt((np.exp(-0.5 * (d / s) ** 2) * d**2).sum() / np.exp(-0.5 * (d / s) ** 2).sum())
+           for s in (1.0, 0.9, 0.8)]
+    mid = [(3600 + 5780) / 2, (5780 + 7570) / 2, (7570 + 9824) / 2]
+    expect = [m / (2.3548 * s * 0.8) for m, s in zip(mid, sig)]
+    np.testing.assert_allclose(meta["resolution_per_segment"], expect, rtol=0.03)
     # the primary of a repeated target is its higher-S/N spectrum
     rep = df[df.star_id == f"desi:{tids[0]}"]
     assert rep.loc[rep.primary, "snr"].iloc[0] == rep.snr.max()
