@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from .. import paths
 from ..healpix import ORDER_MAX, parent_pixel
-from .ingest import TargetGrid, write_intermediate, write_quarantine
+from .ingest import DICT_COLUMNS, TargetGrid, write_intermediate, write_quarantine
 from .store import list_column, write_fragment, write_json_atomic
 
 HIST_ORDER = 8
@@ -274,7 +274,8 @@ def reduce_partition(store_root: str, norder: int, npix: int, grid: dict[str, An
         t = t.take(pa.array(order))
         for k, start in enumerate(range(0, t.num_rows, max(int(max_rows), 1))):
             final = paths.fragment_path(store_root, norder, npix, f"part-{k:04d}")
-            write_fragment(t.slice(start, max_rows), final, {"distlabels_grid": plan.hash})
+            write_fragment(t.slice(start, max_rows), final, {"distlabels_grid": plan.hash},
+                           use_dictionary=[c for c in DICT_COLUMNS if c in t.column_names])
             fragments.append(str(final.relative_to(root)))
         res_counts = _round_counts(t.column("resolution").to_numpy(zero_copy_only=False))
         rs = t.column("resolution_segments").combine_chunks()

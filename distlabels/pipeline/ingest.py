@@ -59,11 +59,12 @@ class IngestSummary:
     warnings: list[str] = field(default_factory=list)
 
     def line(self) -> str:
+        """The one-line summary printed by the CLI."""
         rate = f" ({self.n_files / self.wall_s:.0f} files/s)" if self.wall_s > 0 and not self.skipped else ""
         head = "already ingested, nothing to do: " if self.skipped else ""
-        return (f"{self.store}: {head}{self.n_files} files read, {self.n_spectra_written} spectra written "
-                f"({self.n_stars} stars) in {self.n_fragments} fragments, {self.n_files_quarantined} files "
-                f"quarantined, {self.n_spectra_quarantined} spectra quarantined ({self.n_duplicates} duplicates), "
+        return (f"{self.store}: {head}{self.n_files_read} files read, {self.n_files_quarantined} files quarantined; "
+                f"{self.n_spectra_written} spectra written ({self.n_stars} stars, {self.n_fragments} fragments), "
+                f"{self.n_spectra_quarantined} spectra quarantined ({self.n_duplicates} duplicates), "
                 f"{self.n_excluded} not selected; {self.wall_s:.1f} s{rate}")
 
 

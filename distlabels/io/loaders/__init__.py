@@ -114,9 +114,10 @@ def read_file(path: str | os.PathLike, loaders: list[Loader], options: LoaderOpt
     """
     options = options or LoaderOptions()
     with warnings.catch_warnings():
-        # astropy warns (rather than raises) about truncated files and bad cards: make them errors
-        warnings.simplefilter("error", category=UserWarning)
-        warnings.filterwarnings("ignore", message=".*non-standard.*")
+        # astropy only warns about a truncated file (and reads zeros): make that an error. Other
+        # warnings (non-standard cards it repairs) are not reasons to lose a spectrum.
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("error", message=".*truncated.*")
         with open_fits(path) as hdul:
             ld, reasons = detect(hdul, loaders)
             if ld is None:

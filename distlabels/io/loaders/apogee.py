@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from . import register_loader
-from .base import (LayoutError, LoadedFile, PixelGrid, SurveyFacts, header_float, header_value, ivar_from_error,
+from .base import (FastHeader, LayoutError, LoadedFile, PixelGrid, SurveyFacts, header_float, header_value,
+                   ivar_from_error,
                    make_rows, sanitize)
 
 RESOLUTION = 22500.0
@@ -139,7 +140,7 @@ def _visit_tag(h0, k: int) -> str:
 @register_loader("apogee-apstar", survey="apogee", identify=identify_apstar)
 def load_apstar(hdul, path: str, options) -> LoadedFile:
     """APOGEE apStar: the combined spectrum (row 0) and, with visits=True, each visit."""
-    h0 = hdul[0].header
+    h0 = FastHeader(hdul[0].header)
     grid = _apstar_grid(hdul[1].header) or _apstar_grid(h0)
     flux = np.atleast_2d(np.asarray(hdul[1].data))
     err = np.atleast_2d(np.asarray(hdul[2].data))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from astropy.io.fits.card import Undefined
 
 C_KMS = 299792.458
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -167,16 +168,86 @@ def ivar_from_error(err) -> np.ndarray:
     return iv.astype(np.float32)
 
 
+class FastHeader:
+    """Read-only view of a FITS header that parses only the requested keys' values.
+
+    astropy parses a card's value on first access, with a config lookup per value; for millions
+    of small files that is most of a loader's time. This reads the raw 80-character card images
+    of the header once (astropy's parsed-card cache, when available) and parses simple values
+    (strings, logicals, integers, reals) itself; anything else (long CONTINUE strings, complex
+    values, a header without the cache) falls back to astropy's own parsing.
+    """
+
+    def __init__(self, header):
+        self.header = header
+        self.raw: dict[str, str] = {}
+        try:
+            for card in header._cards:          # astropy internals: fall back below if absent
+                im = card._image
+                if im is None:
+                    continue
+                k = im[:8].rstrip()
+                if k and im[8:10] == "= " and k not in self.raw:
+                    self.raw[k] = im[10:]
+        except (AttributeError, TypeError):
+            self.raw = {}
+        self.fallback = not self.raw
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.raw if not self.fallback else key in self.header
+
+    def get(self, key: str, default=None):
+        if self.fallback or key not in self.raw:
+            return self.header.get(key, default) if self.fallback else default
+        v = _parse_card_value(self.raw[key])
+        return self.header.get(key, default) if v is _UNPARSED else v
+
+
+_UNPARSED = object()
+
+
+def _parse_card_value(text: str):
+    t = text.strip()
+    if t.startswith("'"):                       # string: '' escapes a quote; a comment may follow
+        out, i = [], 1
+        while i < len(t):
+            if t[i] == "'":
+                if i + 1 < len(t) and t[i + 1] == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                s = "".join(out).rstrip()
+                return _UNPARSED if s.endswith("&") else s      # long-string convention: astropy
+            out.append(t[i])
+            i += 1
+        return _UNPARSED
+    v = t.split("/", 1)[0].strip()
+    if v == "T":
+        return True
+    if v == "F":
+        return False
+    if v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        return float(v.replace("D", "E"))
+    except ValueError:
+        return _UNPARSED
+
+
 def header_value(header, *keys, default=None):
-    """First present, non-blank value among ``keys`` of a FITS header."""
+    """First present, non-blank value among ``keys`` of a FITS header (or a FastHeader)."""
     for k in keys:
         if k in header:
-            v = header[k]
+            v = header.get(k)
             if isinstance(v, str):
                 v = v.strip()
                 if v == "":
                     continue
-            if v is None or (hasattr(v, "__class__") and v.__class__.__name__ == "Undefined"):
+            if v is None or isinstance(v, Undefined):
                 continue
             return v
     return default
@@ -234,12 +305,14 @@ def linear_grid_from(wave: np.ndarray, *, tol_px: float = 0.05) -> PixelGrid:
 
 def median_snr(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """Median per-pixel S/N |flux| * sqrt(ivar) over usable pixels, per row; NaN for none. (n,) float32."""
-    with np.errstate(invalid="ignore"):
-        s = np.where(ivar > 0, np.abs(flux) * np.sqrt(np.maximum(ivar, 0)), np.nan)
+    good = ivar > 0
+    s = np.abs(flux) * np.sqrt(np.where(good, ivar, 0))
     out = np.full(len(flux), np.nan, np.float32)
-    any_ = np.isfinite(s).any(1)
-    if any_.any():
-        out[any_] = np.nanmedian(s[any_], axis=1)
+    for i in range(len(flux)):                  # a plain median per row: nanmedian is slow per call
+        v = s[i][good[i]]
+        v = v[np.isfinite(v)]
+        if v.size:
+            out[i] = np.median(v)
     return out
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import register_loader
-from .base import (C_KMS, LayoutError, LoadedFile, SurveyFacts, header_float, header_value, loglam_grid_from,
+from .base import (C_KMS, FastHeader, LayoutError, LoadedFile, SurveyFacts, header_float, header_value,
+                   loglam_grid_from,
                    make_rows, r_from_sigma_loglam, row_median, sanitize, segment_medians)
 
 FACTS = SurveyFacts(survey="boss", family="boss", wavelength_medium="vacuum", rv_frame="observed",
@@ -63,7 +64,7 @@ def _get(rec, names: dict[str, str], key: str, default=None):
 @register_loader("boss", survey="boss", identify=identify_boss)
 def load_boss(hdul, path: str, options) -> LoadedFile:
     """SDSS/BOSS spec-PLATE-MJD-FIBER coadded spectrum."""
-    h0 = hdul[0].header
+    h0 = FastHeader(hdul[0].header)
     tab = hdul[1].data
     if tab is None or len(tab) < 2:
         raise LayoutError("the COADD table in HDU 1 has fewer than two pixels")

@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import register_loader
-from .base import (C_KMS, LayoutError, LoadedFile, PixelGrid, SurveyFacts, header_float, header_value,
+from .base import (C_KMS, FastHeader, LayoutError, LoadedFile, PixelGrid, SurveyFacts, header_float,
+                   header_value,
                    iau_designation, loglam_grid_from, make_rows, sanitize)
 
 RESOLUTION = 1800.0
@@ -74,6 +75,17 @@ def _grid_from_header(h, n_pix: int) -> PixelGrid | None:
 def _check_wave(grid: PixelGrid | None, wave, *, required: bool) -> PixelGrid:
     """Reconcile the header grid with a wavelength array (checked, or used when no header grid)."""
     w = np.asarray(wave, dtype=np.float64)
+    if grid is not None and w.size == grid.n_pix and w.size > 64:
+        w_check = w[np.linspace(0, w.size - 1, 33).astype(int)]       # a sample suffices to tell the rows
+        i_check = np.linspace(0, w.size - 1, 33).astype(int)
+        ok = np.all(np.isfinite(w_check)) and np.all(np.diff(w_check) > 0) and 2000 < w_check[0] < 20000
+        if ok:
+            resid = np.max(np.abs(np.log10(w_check) - (grid.start + grid.step * i_check))) / grid.step
+            if resid > 0.05:
+                raise LayoutError(f"the wavelength row and COEFF0/COEFF1 disagree by {resid:.2f} pixel")
+        elif required:
+            raise LayoutError("the WAVELENGTH column is not an increasing wavelength array")
+        return grid
     looks_like_wave = (w.size == (grid.n_pix if grid else w.size) and np.all(np.isfinite(w))
                        and np.all(np.diff(w) > 0) and 2000 < w[0] < 20000)
     if grid is None:
@@ -87,7 +99,7 @@ def _check_wave(grid: PixelGrid | None, wave, *, required: bool) -> PixelGrid:
     return grid
 
 
-def _rows(h, n_pix_flux, flux, ivar):
+def _rows(h):
     obsid = header_value(h, "OBSID")
     try:
         obsid = int(obsid)
@@ -119,7 +131,7 @@ def _facts(h) -> SurveyFacts:
 @register_loader("lamost", survey="lamost", identify=identify_lamost)
 def load_lamost(hdul, path: str, options) -> LoadedFile:
     """LAMOST LRS DR1-7 (primary image) or DR8+ (HDU 1 table) spectrum."""
-    h = hdul[0].header
+    h = FastHeader(hdul[0].header)
     if h.get("NAXIS", 0) == 2:
         data = hdul[0].data
         if data is None or data.ndim != 2 or data.shape[0] != 5:
@@ -143,6 +155,6 @@ def load_lamost(hdul, path: str, options) -> LoadedFile:
     with np.errstate(invalid="ignore"):
         bad = np.asarray(andmask) != 0
     f, iv, m = sanitize(flux[None, :], ivar[None, :], bad[None, :])
-    rows = _rows(h, f.shape[1], f, iv)
+    rows = _rows(h)
     rows["file_hdu"][:] = hdu
     return LoadedFile(layout, _facts(h), grid, f, iv, m, rows)
