@@ -104,6 +104,7 @@ def main(argv=None) -> None:
         mb = size / 1e6
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"astropy {__import__('astropy').__version__}, pyarrow {__import__('pyarrow').__version__}")
+        print(f"load average (1, 5, 15 min) at the start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
         print(f"input: {len(files)} LAMOST DR1-7 image files, {mb:.1f} MB ({size / len(files) / 1e3:.1f} kB/file), "
               f"written in {t_gen:.1f} s; page cache warm")
         rows = []
@@ -138,6 +139,7 @@ def main(argv=None) -> None:
                   f"{store_mb:.1f} MB store, {s.n_files_quarantined} quarantined")
             client.close()
             cluster.close()
+        print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
         print(f"\n{'method':<80} {'s':>7} {'files/s':>9} {'MB/s':>7}")
         for name, t in rows:
             print(f"{name:<80} {t:7.2f} {len(files) / t:9.0f} {mb / t:7.1f}")

@@ -277,7 +277,6 @@ class _Acc:
     lat_pos: list = field(default_factory=list)
     gkey: list = field(default_factory=list)
     path: list = field(default_factory=list)
-    layout: list = field(default_factory=list)
     snr: list = field(default_factory=list)
     flags: list = field(default_factory=list)
     res_seg: list = field(default_factory=list)     # (n, n_segments) R per arm/chip
@@ -327,7 +326,6 @@ def _collect(acc: _Acc, lf: LoadedFile, path: str, spec: IngestSpec, resamplers:
     acc.lat_pos.append(lat)
     acc.gkey += [key] * lf.n
     acc.path += [path] * lf.n
-    acc.layout += [lf.layout] * lf.n
     acc.snr.append(snr)
     acc.flags.append(fl)
     acc.res_seg.append(np.asarray(rs, np.float32))
