@@ -177,10 +177,10 @@ def test_closed_loop_mock_lamost_files_ingest_and_fit(tmp_path, client, bossbrai
     from distlabels.cli.main import main
     from distlabels.mock import make_mock
 
-    table, meta = make_mock(bossbrain_model, MockConfig(n=64, snr_min=50, snr_max=50, seed=21))
+    table, meta = make_mock(bossbrain_model, MockConfig(n=40, snr_min=50, snr_max=50, seed=21))
     rng = np.random.default_rng(0)                      # one survey field: few sky partitions, few fit tasks
-    table = table.set_column(table.schema.get_field_index("ra"), "ra", pa.array(rng.uniform(10, 12, 64)))
-    table = table.set_column(table.schema.get_field_index("dec"), "dec", pa.array(rng.uniform(1, 3, 64)))
+    table = table.set_column(table.schema.get_field_index("ra"), "ra", pa.array(rng.uniform(10, 12, 40)))
+    table = table.set_column(table.schema.get_field_index("dec"), "dec", pa.array(rng.uniform(1, 3, 40)))
     half = table.num_rows // 2
     m1 = ff.lamost_from_mock(table.slice(0, half), meta, tmp_path / "fits" / "dr7", layout="image", seed=1)
     m2 = ff.lamost_from_mock(table.slice(half), meta, tmp_path / "fits" / "dr8", layout="table", seed=2,
@@ -192,7 +192,7 @@ def test_closed_loop_mock_lamost_files_ingest_and_fit(tmp_path, client, bossbrai
     smeta = open_store(store).meta
     np.testing.assert_allclose(smeta["wavelength_aa"][4:-4], meta["wavelength_aa"][4:-4], rtol=1e-12)
     assert main(["fit", "--model", str(bossbrain_model.meta["path"]), "--spectra", str(store), "--out", str(cat),
-                 "--cluster", addr, "--task-rows", "32", "--no-progress"]) == 0
+                 "--cluster", addr, "--task-rows", "20", "--no-progress"]) == 0
     res = pd.read_parquet(cat / paths.DATASET_DIR)
     truth = table.to_pandas().set_index("source_id")
     res["mock_id"] = res.source_id.map(mapping)
