@@ -52,7 +52,8 @@ class Location:
     def parse(cls, location: str | os.PathLike) -> "Location":
         text = os.fspath(location)
         if not paths.is_url(text):
-            return cls(url=str(Path(text)), path=Path(text))
+            path = Path(text).absolute()      # workers may run elsewhere: never a path relative to our cwd
+            return cls(url=str(path), path=path)
         import fsspec
 
         try:

@@ -204,7 +204,7 @@ def _execute(client, todo: list[Partition], store: SpectraStore, loc: Location, 
     resources = {"GPU": 1} if uses_gpu_workers(cfg) else None
     grid_f = client.scatter(grid, broadcast=True)
     token = os.urandom(4).hex()
-    futures = client.map(fit_task, todo, store_root=str(store.root), catalog_url=loc.url, config=cfg.fit,
+    futures = client.map(fit_task, todo, store_root=str(store.root.resolve()), catalog_url=loc.url, config=cfg.fit,
                          grid=grid_f, provenance=provenance, retries=cfg.retries, resources=resources,
                          key=[f"fit-{partition_id(p)}-{token}" for p in todo], pure=False)
     by_key = {f.key: p for f, p in zip(futures, todo)}

@@ -186,7 +186,8 @@ def test_helm_values_render_the_same_daskjob():
 def test_dockerfile_installs_the_gpu_extra_and_the_configs():
     text = (REPO / "deploy/Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+", text, re.M)
-    assert 'pip install ".[gpu,k8s' in text and "COPY configs ./configs" in text
+    extras = re.search(r'^ARG EXTRAS="([^"]+)"', text, re.M).group(1).split(",")
+    assert "gpu" in extras and 'pip install ".[$EXTRAS]"' in text and "COPY configs ./configs" in text
     assert f"WORKDIR {IMAGE_PREFIX.rstrip('/')}" in text
     # The image's torch is the version the Makefile installs for the tests and the demo.
     torch_arg = re.search(r'^ARG TORCH_SPEC="([^"]+)"', text, re.M).group(1)
