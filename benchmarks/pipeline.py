@@ -55,13 +55,17 @@ def kernel_alone(model, store, cfg, threads: int) -> dict:
     torch.set_num_threads(threads)
     table = store.read_all()
     flux, ivar, mask = store.spectra(table)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     fitter = SpectrumFitter(model, store.wavelength, wavelength_medium=store.wavelength_medium,
                             resolution=store.resolution, segments=store.segments, config=cfg, device="cpu")
     t1 = time.perf_counter()
+    c1 = time.process_time()
     fitter.fit(flux, ivar, mask)
     t2 = time.perf_counter()
-    return {"threads": threads, "n": len(flux), "setup_s": t1 - t0, "fit_s": t2 - t1, "spectra_per_s": len(flux) / (t2 - t1)}
+    c2 = time.process_time()
+    return {"threads": threads, "n": len(flux), "setup_s": t1 - t0, "fit_s": t2 - t1, "spectra_per_s": len(flux) / (t2 - t1),
+            "setup_cpu_s": c1 - c0, "fit_cpu_s": c2 - c1, "spectra_per_cpu_s": len(flux) / (c2 - c1)}
 
 
 def pipeline(model_dir, store_root, cfg, workers: int, task_rows: int, cluster: str, device: str) -> dict:
@@ -84,9 +88,14 @@ def pipeline(model_dir, store_root, cfg, workers: int, task_rows: int, cluster: 
     t_cluster = time.perf_counter() - t0
     out = Path(tempfile.mkdtemp(prefix="bench-cat-"))
     try:
+        # CPU seconds of the workers and of this process (client + scheduler): the pipeline's cost in
+        # CPU time, which other loads on a shared machine do not change (wall time they do).
+        w0, c0 = client.run(time.process_time), time.process_time()
         t0 = time.perf_counter()
         s = run_fit(model_dir, store_root, out / "cat", rcfg, client=client)
         wall = time.perf_counter() - t0
+        w1, c1 = client.run(time.process_time), time.process_time()
+        cpu = sum(w1[k] - w0[k] for k in w1 if k in w0) + (c1 - c0)
         run = json.loads((out / "cat" / "_run.json").read_text())
     finally:
         client.close()
@@ -102,7 +111,7 @@ def pipeline(model_dir, store_root, cfg, workers: int, task_rows: int, cluster: 
     return {"workers": workers, "task_rows": task_rows, "n": n, "n_tasks": len(timings), "cluster_start_s": t_cluster,
             "run_wall_s": wall, "spectra_per_s": n / wall, "fit_s_sum": fit_s,
             "read_s_sum": sum(t["read_s"] for t in timings), "write_s_sum": sum(t["write_s"] for t in timings),
-            "fit_spectra_per_s_per_worker": n / fit_s, "failed": s.n_failed}
+            "fit_spectra_per_s_per_worker": n / fit_s, "failed": s.n_failed, "cpu_s": cpu, "spectra_per_cpu_s": n / cpu}
 
 
 def make_store(model, n: int, rows_per_fragment: int, root: Path, seed: int = 5):
@@ -168,7 +177,7 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                           "torch": torch.__version__}, "presets": {}}
+                           "torch": torch.__version__, "loadavg_start": os.getloadavg()}, "presets": {}}
     try:
         model_dir = import_bossbrain("4000-5000", tmp / "bb45")
         model = load(model_dir)
@@ -180,25 +189,31 @@ def main(argv=None) -> int:
             res = {"n": n, "task_rows": task_rows, "fit_config": dataclasses.asdict(cfg), "kernel": {}, "pipeline": {}}
             for threads in (1, 2):
                 res["kernel"][threads] = kernel_alone(model, store, cfg, threads)
-                print(f"[{preset}] kernel alone, {threads} thread(s): {res['kernel'][threads]['spectra_per_s']:.2f} "
-                      f"spectra/s (set-up {res['kernel'][threads]['setup_s']:.2f} s)", flush=True)
+                k = res["kernel"][threads]
+                print(f"[{preset}] kernel alone, {threads} thread(s): {k['spectra_per_s']:.2f} spectra/s, "
+                      f"{k['spectra_per_cpu_s']:.2f} per CPU-second (set-up {k['setup_s']:.2f} s)", flush=True)
             for w in (int(x) for x in args.workers.split(",")):
                 res["pipeline"][w] = p = pipeline(model_dir, store.root, cfg, w, task_rows, args.cluster, args.device)
                 k = res["kernel"][min(w, 2)]["spectra_per_s"]
                 p["ratio_equal_threads"] = p["spectra_per_s"] / k
                 p["ratio_vs_w_x_one_thread"] = p["spectra_per_s"] / (w * res["kernel"][1]["spectra_per_s"])
                 p["fit_rate_ratio"] = p["fit_spectra_per_s_per_worker"] / res["kernel"][1]["spectra_per_s"]
+                p["cpu_ratio"] = p["spectra_per_cpu_s"] / res["kernel"][1]["spectra_per_cpu_s"]
                 print(f"[{preset}] pipeline {w} worker(s) x 1 thread, {p['n_tasks']} tasks of <= {task_rows}: "
                       f"{p['spectra_per_s']:.2f} spectra/s (run {p['run_wall_s']:.1f} s, cluster start "
                       f"{p['cluster_start_s']:.1f} s); / kernel at {min(w, 2)} thread(s) = {p['ratio_equal_threads']:.3f}; "
                       f"/ ({w} x kernel 1 thread) = {p['ratio_vs_w_x_one_thread']:.3f}; fit rate per worker "
-                      f"{p['fit_spectra_per_s_per_worker']:.2f}/s = {p['fit_rate_ratio']:.3f} x kernel", flush=True)
+                      f"{p['fit_spectra_per_s_per_worker']:.2f}/s = {p['fit_rate_ratio']:.3f} x kernel; "
+                      f"CPU: {p['spectra_per_cpu_s']:.2f} spectra per CPU-second = {p['cpu_ratio']:.3f} x kernel "
+                      f"({res['kernel'][1]['spectra_per_cpu_s']:.2f})", flush=True)
             results["presets"][preset] = res
         if args.verify_rows:
             results["verify"] = v = bench_verify(args.verify_rows, 100, tmp)
             print(f"verify: {v['rows']:,} rows in {v['fragments']} fragments: {v['verify_s']:.2f} s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    print(f"load average (1, 5, 15 min) at start {results['machine']['loadavg_start']}, at end {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -214,6 +214,9 @@ def _execute(client, todo: list[Partition], store: SpectraStore, loc: Location, 
     try:
         for fut in as_completed(futures):
             part = by_key[fut.key]
+            if fut.status == "cancelled":             # the scheduler was lost or restarted under us
+                raise DistlabelsError(f"the Dask cluster dropped partition {partition_id(part)} (scheduler lost or "
+                                      "restarted); finished partitions are kept, re-run the same command to resume.")
             if fut.status == "error":
                 exc = fut.exception()
                 attempts = killed_attempts if type(exc).__name__ == "KilledWorker" else cfg.retries + 1

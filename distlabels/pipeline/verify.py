@@ -114,8 +114,8 @@ def verify_catalog(catalog: str, store_path: str) -> VerifyReport:
     # Inputs: the store's ids, and the quarantine's.
     store_ids = _ids_table([str(f) for f in store.fragments], None, {"source_id": pa.string()}).column("source_id")
     rep.n_store_rows = len(store_ids)
-    store_vc = pc.value_counts(store_ids)
-    rep.n_store_duplicates = int(pc.sum(pc.greater(store_vc.field("counts"), 1)).as_py() or 0)
+    n_store_distinct = len(pc.value_counts(store_ids)) - (1 if store_ids.null_count else 0)
+    rep.n_store_duplicates = rep.n_store_rows - store_ids.null_count - n_store_distinct
     rep.n_quarantined, q_ids = quarantine_table(store.root)
     if "n_inputs" in store.meta:
         rep.n_inputs_recorded = int(store.meta["n_inputs"])
@@ -136,18 +136,24 @@ def verify_catalog(catalog: str, store_path: str) -> VerifyReport:
     rep.n_fitted = rep.n_catalog_rows - rep.n_not_fitted
     rep.n_clean = int(pc.sum(pc.equal(flags, 0)).as_py() or 0)
 
+    # One hash count of the catalog's ids and one set-membership pass of the store's; extras follow
+    # from the distinct counts (catalog distinct = found + extra).
     vc = pc.value_counts(pc.drop_null(ids))
     values, counts = vc.field("values"), vc.field("counts")
-    dup = pc.greater(counts, 1)
-    rep.n_duplicated_ids = int(pc.sum(dup).as_py() or 0)
-    rep.n_duplicate_rows = int(pc.sum(pc.subtract(pc.filter(counts, dup), 1)).as_py() or 0)
-    missing = pc.invert(pc.fill_null(pc.is_in(store_vc.field("values"), value_set=values), False))
-    extra = pc.invert(pc.fill_null(pc.is_in(values, value_set=store_vc.field("values")), False))
+    n_distinct = len(values)
+    rep.n_duplicate_rows = rep.n_catalog_rows - rep.n_null_ids - n_distinct
+    missing = pc.invert(pc.fill_null(pc.is_in(store_ids, value_set=values), False))
     rep.n_missing = int(pc.sum(missing).as_py() or 0)
-    rep.n_extra = int(pc.sum(extra).as_py() or 0)
-    rep.examples = {"missing": _examples(pc.filter(store_vc.field("values"), missing)),
-                    "duplicated": _examples(pc.filter(values, dup)),
-                    "not in store": _examples(pc.filter(values, extra))}
+    n_missing_distinct = len(pc.unique(pc.filter(store_ids, missing))) if rep.n_missing else 0
+    rep.n_extra = n_distinct - (n_store_distinct - n_missing_distinct)
+    rep.examples = {"missing": _examples(pc.filter(store_ids, missing))}
+    if rep.n_duplicate_rows:
+        dup = pc.greater(counts, 1)
+        rep.n_duplicated_ids = int(pc.sum(dup).as_py() or 0)
+        rep.examples["duplicated"] = _examples(pc.filter(values, dup))
+    if rep.n_extra:
+        extra = pc.invert(pc.fill_null(pc.is_in(values, value_set=store_ids), False))
+        rep.examples["not in store"] = _examples(pc.filter(values, extra))
     if q_ids is not None and len(q_ids):
         both = pc.is_in(q_ids, value_set=values)
         rep.n_quarantined_in_catalog = int(pc.sum(both).as_py() or 0)

@@ -56,7 +56,11 @@ class ModelPlugin:
         if has_cuda and self.device_request in ("cuda", "auto"):
             torch.cuda.set_device(0)
             self.device = "cuda:0"
-        self.model = load(self.model_dir)
+        try:
+            self.model = load(self.model_dir)
+        except Exception as e:       # reported by the client as one sentence, not a worker traceback
+            self.error = (f"worker {getattr(worker, 'address', '?')} could not load the model {self.model_dir} "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); is it on a path every worker sees?")
         self.info = {"pid": os.getpid(), "device": self.device, "torch_threads": torch.get_num_threads(),
                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
         if self.device.startswith("cuda"):

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -209,11 +210,15 @@ def test_verify_finds_duplicates_and_extras(tmp_path, fitted_catalog, mock_store
     rc = main(["verify", str(cat), "--spectra", str(mock_store)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc != 0 and len(err) == 1 and "appear more than once" in err[0] and "not in the catalog" in err[0]
+    # Rows the store never had.
+    alien = pq.read_table(frags[2]).slice(0, 2)
+    alien = alien.set_column(0, "source_id", pa.array(["alien:1", "alien:2"]))
+    pq.write_table(alien, frags[2].with_name("alien.parquet"))
+    rep = verify_catalog(str(cat), str(mock_store))
+    assert rep.n_extra == 2 and sorted(rep.examples["not in store"]) == ["alien:1", "alien:2"]
 
 
 def test_verify_counts_the_quarantine(tmp_path, fitted_catalog, mock_store):
-    import pyarrow as pa
-
     store = tmp_path / "store"
     shutil.copytree(mock_store, store)
     cat = tmp_path / "cat"
