@@ -49,3 +49,20 @@ def test_demo_config_loads():
     for key, value in raw.items():
         got = getattr(ns, key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
+
+
+@pytest.mark.parametrize("sub", ["fit", "verify"])
+def test_production_subcommands_have_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([sub, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: distlabels {sub}")
+    assert ("--cluster" in out and "local-cuda" in out) if sub == "fit" else "--spectra" in out
+
+
+def test_verify_needs_the_store(capsys):
+    from distlabels.cli.main import main
+
+    assert main(["verify", "somewhere"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("distlabels: error: verify needs --spectra")
