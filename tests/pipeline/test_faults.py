@@ -90,13 +90,22 @@ def test_run_interrupted_then_killed_then_resumed(tmp_path, client, bossbrain_mo
     out_url = f"file://{tmp_path / 'cat'}"
     loc = Location.parse(out_url)
     n_parts = len(open_store(small_store).partitions(4))
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+
+    def started(p):
+        """Block until the run prints its 'fit: N of M partitions to do' line (cluster up, tasks next)."""
+        for line in p.stdout:
+            if line.startswith("fit:"):
+                return
+        raise AssertionError("the run ended before it started fitting")
 
     # 1. Ctrl-C after the first fragment.
     p = subprocess.Popen(_fit_cmd(cfg_file, bossbrain_model_dir, small_store, out_url), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        _wait(lambda: len(loc.completed()) >= 1 or p.poll() is not None, 120, "a first fragment")
+        started(p)
+        _wait(lambda: len(loc.completed()) >= 1 or p.poll() is not None, 120, "a first fragment", poll=0.005)
+        assert p.poll() is None, "the run finished before the interrupt: make the store bigger"
         os.kill(p.pid, signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:
@@ -114,7 +123,9 @@ def test_run_interrupted_then_killed_then_resumed(tmp_path, client, bossbrain_mo
     p = subprocess.Popen(_fit_cmd(cfg_file, bossbrain_model_dir, small_store, out_url), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        _wait(lambda: len(loc.completed()) >= len(after_int) + 1 or p.poll() is not None, 120, "a new fragment")
+        started(p)
+        _wait(lambda: len(loc.completed()) >= len(after_int) + 1 or p.poll() is not None, 120, "a new fragment",
+              poll=0.005)
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate(timeout=30)
