@@ -10,6 +10,8 @@ Stores and catalogs share one HATS-style layout::
       _ingest/                           store only: work files of an ingest run (map outputs,
                                          plan, done markers); removed when the run completes
       _failures.parquet                  partitions that kept failing
+      _run.log.jsonl                     catalog only: structured log, one JSON record per partition
+      _done/                             catalog on object storage only: one completion marker per fragment
       dataset/Norder=K/Dir=D/Npix=N/     one directory per sky pixel (nested HEALPix, order K)
           part-XXXX.parquet              fragments; written as .part-XXXX.parquet.tmp then renamed
 
@@ -27,6 +29,8 @@ CATALOG_META = "catalog.json"
 RUN_FILE = "_run.json"
 QUARANTINE_DIR = "_quarantine"
 FAILURES_FILE = "_failures.parquet"
+RUN_LOG = "_run.log.jsonl"
+DONE_DIR = "_done"
 MODEL_META = "model.json"
 MODEL_WEIGHTS = "weights.safetensors"
 INGEST_DIR = "_ingest"
@@ -45,9 +49,18 @@ def fragment_path(root: str | os.PathLike, norder: int, npix: int, name: str) ->
     return pixel_dir(root, norder, npix) / f"{name}.parquet"
 
 
-def temp_path(final: Path) -> Path:
-    """Temporary sibling of ``final``: hidden, so readers skip it until the atomic rename."""
-    return final.with_name(f".{final.name}.tmp")
+def temp_path(final: Path, token: str | None = None) -> Path:
+    """Temporary sibling of ``final``: hidden, so readers skip it until the atomic rename.
+
+    token: a per-writer tag (pid, random) so that two writers of the same fragment (a retried task
+    and a worker presumed dead) never write into one temporary file.
+    """
+    return final.with_name(f".{final.name}.{token}.tmp" if token else f".{final.name}.tmp")
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """True for an fsspec URL (``s3://``, ``gs://``, ``file://``, ``memory://``), False for a plain path."""
+    return isinstance(location, str) and "://" in location
 
 
 def parse_pixel_dir(path: str | os.PathLike) -> tuple[int, int]:

@@ -56,7 +56,7 @@ def register(sub, add) -> None:
     p.add_argument("--select", metavar="EXPR", help="which spectra to keep (default: is_star); see below")
     p.add_argument("--visits", action="store_true", default=None,
                    help="also ingest single-visit spectra held in combined files (APOGEE apStar)")
-    p.add_argument("--cluster", help="local (default, CPU LocalCluster) or tcp://HOST:8786")
+    p.add_argument("--cluster", help="local (default, CPU LocalCluster), k8s, env or tcp://HOST:8786 (as for fit)")
     p.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
     p.add_argument("--files-per-task", type=int, help="files per Dask task (default: automatic)")
     p.add_argument("--fragment-mb", type=float, help="target store fragment size in MB (default 128)")

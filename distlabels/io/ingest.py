@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -468,7 +469,7 @@ def write_intermediate(table: pa.Table, final: Path, row_group_size: int) -> Pat
     """Atomic write of a work file: small row groups so a reduce task reads only its sky range
     (rows are sorted by _healpix_29, so row-group statistics prune the rest)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temp_path(final)
+    tmp = paths.temp_path(final, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")     # one temp file per writer
     pq.write_table(table, tmp, compression="zstd", row_group_size=max(int(row_group_size), 1),
                    use_dictionary=[c for c in DICT_COLUMNS if c in table.column_names])
     os.replace(tmp, final)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def write_fragment(table: pa.Table, final: Path, metadata: dict[str, str] | None
     parquet_options go to ``pq.write_table`` (e.g. ``use_dictionary=[...]``: dictionary encoding
     tried on every column, the default, costs ~3x the write time on float list columns)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temp_path(final)
+    tmp = paths.temp_path(final, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                **{k.encode(): v.encode() for k, v in metadata.items()}})
