@@ -156,7 +156,9 @@ def plan_task(store_root: str, map_files: list[str], target: TargetGrid | None,
             w = i
         else:
             n_dup += 1
-            quarantine.append(dict(path=fpath[i], hdu=int(fhdu[i]), row=int(frow[i]), source_id=sid[i],
+            # source_id stays empty: the spectrum itself is in the store (verify checks that no
+            # quarantined id reaches the catalog); the reason names it
+            quarantine.append(dict(path=fpath[i], hdu=int(fhdu[i]), row=int(frow[i]), source_id=None,
                                    reason=f"duplicate of {sid[i]} already read from {fpath[w]} (HDU {fhdu[w]}, "
                                           f"row {frow[w]})"))
     write_quarantine(store_root, "plan", quarantine, "plan")

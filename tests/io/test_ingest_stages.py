@@ -141,7 +141,7 @@ def test_unusable_spectra_are_kept_flagged_and_duplicates_quarantined(tmp_path):
     assert np.isnan(t.column("ra").to_numpy()[t.column("source_id").to_pylist().index("lamost:3")])
     assert sum(r["n_excluded"] for r in results) == 1            # the galaxy: read, not selected
     q = read_quarantine(tmp_path / "store").to_pylist()
-    assert len(q) == 1 and q[0]["source_id"] == "lamost:5" and "duplicate of lamost:5" in q[0]["reason"]
+    assert len(q) == 1 and q[0]["source_id"] is None and "duplicate of lamost:5" in q[0]["reason"]
     assert q[0]["path"].endswith("ok.fits") and plan["n_duplicates"] == 1    # ok-again.fits sorts first, wins
 
 
