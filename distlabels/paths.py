@@ -8,11 +8,18 @@ Stores and catalogs share one HATS-style layout::
       _run.json                          catalog only: model sha256, config hash, store manifest
       _quarantine/                       inputs that could not be used (one fragment per task)
       _failures.parquet                  partitions that kept failing
+      hats.properties, partition_info.csv  catalog only: HATS catalog-level files (end of each run)
+      _staging/                          catalog only: ``distlabels compact`` work area
+      dataset/_common_metadata, _metadata  catalog only: HATS/Parquet schema and footers
       dataset/Norder=K/Dir=D/Npix=N/     one directory per sky pixel (nested HEALPix, order K)
           part-XXXX.parquet              fragments; written as .part-XXXX.parquet.tmp then renamed
+          Npix=N.parquet                 catalog only: the fragments merged by ``distlabels compact``
+          _compaction.json               catalog only: which fragments that file holds
 
 Dir = (Npix // 10000) * 10000, as in HATS. Hidden files (leading '.' or '_') are ignored by
-pyarrow, DuckDB and pandas, so a fragment half written is never read.
+pyarrow and pandas, and DuckDB's ``dataset/**/*.parquet`` glob skips names that do not end in
+``.parquet``, so a fragment half written is never read. DuckDB does descend into hidden
+directories, which is why work areas live outside ``dataset/``.
 """
 from __future__ import annotations
 
@@ -29,6 +36,13 @@ MODEL_META = "model.json"
 MODEL_WEIGHTS = "weights.safetensors"
 HEALPIX_COLUMN = "_healpix_29"
 HEALPIX_ORDER = 29
+HATS_PROPERTIES = "hats.properties"
+PARTITION_INFO = "partition_info.csv"
+COMMON_METADATA = "_common_metadata"     # in dataset/
+PARQUET_METADATA = "_metadata"           # in dataset/
+COMPACTION_RECORD = "_compaction.json"   # in a pixel directory
+STAGING_DIR = "_staging"                 # at the catalog root, outside dataset/
+COMPACT_LOCK = "_compact.lock"
 
 
 def pixel_dir(root: str | os.PathLike, norder: int, npix: int) -> Path:
@@ -60,9 +74,39 @@ def parse_pixel_dir(path: str | os.PathLike) -> tuple[int, int]:
     return norder, npix
 
 
-def list_fragments(root: str | os.PathLike) -> list[Path]:
-    """All visible Parquet fragments under ``root/dataset``, sorted (deterministic task order)."""
+def compacted_name(npix: int) -> str:
+    """File name (without extension) of the merged file of pixel ``npix`` (HATS's default name)."""
+    return f"Npix={int(npix)}"
+
+
+def fragment_entries(root: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(path, inode) of every visible Parquet fragment under ``root/dataset``, sorted by path.
+
+    Files and directories whose names start with '.' or '_' are skipped, as pyarrow does. The
+    inode comes free with the directory listing; since fragments are only ever replaced by a
+    rename (never rewritten in place), (path, inode) identifies a file's content.
+    """
     base = Path(root) / DATASET_DIR
     if not base.is_dir():
         return []
-    return sorted(p for p in base.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    out: list[tuple[str, int]] = []
+    stack = [str(base)]
+    while stack:  # os.scandir: one system call per directory, fast on catalogs of 1e4 files
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.name.startswith((".", "_")):
+                    continue
+                if e.is_dir():
+                    stack.append(e.path)
+                elif e.name.endswith(".parquet"):
+                    out.append((e.path, e.inode()))
+    # Path order, as before: store manifests hash this order
+    return sorted(((Path(p), ino) for p, ino in out), key=lambda x: x[0])
+
+
+def list_fragments(root: str | os.PathLike) -> list[Path]:
+    """All visible Parquet fragments under ``root/dataset``, sorted (deterministic task order).
+
+    Files and directories whose names start with '.' or '_' are skipped, as pyarrow does.
+    """
+    return [p for p, _ in fragment_entries(root)]

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__, paths
-from ..catalog.writer import write_catalog_fragment, write_catalog_meta
+from ..catalog.writer import fragment_done, write_catalog_fragment, write_catalog_meta
 from ..config import FitConfig, RunConfig, config_hash, to_dict
 from ..errors import DistlabelsError
 from ..io.store import Partition, SpectraStore, open_store, write_json_atomic
@@ -71,8 +71,7 @@ def fit_task(part: Partition, store_root: str, catalog_root: str, config: FitCon
     """One task: read a partition, fit it, write its catalog fragment (skipped if already there)."""
     from distributed import get_worker
 
-    final = paths.fragment_path(catalog_root, part.norder, part.npix, part.name)
-    if final.exists():
+    if fragment_done(catalog_root, part.norder, part.npix, part.name):  # own file, or merged by compact
         return {"partition": part.name, "n_rows": part.n_rows, "skipped": True}
     worker = get_worker()
     plugin = worker.plugins[PLUGIN_NAME]
@@ -149,7 +148,7 @@ def run_fit(model_dir: str | os.PathLike, store_path: str | os.PathLike, catalog
     catalog = Path(catalog_path)
     prepare_catalog(catalog, identity, cfg.overwrite)
     parts = store.partitions(cfg.task_rows)
-    todo = [p for p in parts if not paths.fragment_path(catalog, p.norder, p.npix, p.name).exists()]
+    todo = [p for p in parts if not fragment_done(catalog, p.norder, p.npix, p.name)]
     provenance = {"model_id": model.model_id, "model_sha256": model.meta["weights_sha256"],
                   "model_path": str(Path(model_dir).resolve()), "store": str(store.root.resolve()),
                   "fit_config": to_dict(cfg.fit), "distlabels_version": __version__}
