@@ -158,7 +158,7 @@ def _merge_pixel(root: Path, norder: int, npix: int, files: list[Path], row_grou
     name = paths.compacted_name(npix)
     tables, n_expected = [], 0
     for f in files:
-        t = pq.read_table(f)
+        t = pq.ParquetFile(f).read()  # the file alone: no dataset discovery, no partition columns
         n_expected += t.num_rows
         tables.append(t)
     schema_md = tables[0].schema.metadata
@@ -212,14 +212,15 @@ def _merge_pixel(root: Path, norder: int, npix: int, files: list[Path], row_grou
 
 
 def compact_catalog(root: str | os.PathLike, *, row_group_rows: int = 131_072, min_files: int = 2,
-                    force: bool = False, progress: bool = False, use_exchange: bool = True,
+                    force: bool = False, progress: bool = False, workers: int = 4, use_exchange: bool = True,
                     hook: Callable[[str], None] | None = None) -> CompactSummary:
     """Merge the fragments of every pixel directory of the catalog at ``root`` into one file each,
     then rewrite ``catalog.json`` and the HATS files. Idempotent: a compact catalog is left as is
     (apart from the catalog-level files).
 
     min_files: pixels with at least this many files are rewritten (1: every pixel, e.g. to sort
-    its rows or change its row groups). force: compact even though ``_run.json`` shows a run
+    its rows or change its row groups). workers: pixels merged at once (threads; the work is
+    Parquet decoding/encoding and fsync, which release the GIL). force: compact even though ``_run.json`` shows a run
     that has not finished (only when no run is writing). use_exchange=False and ``hook`` (called with "staged", "moved_aside",
     "swapped") exist for tests of the fallback path and of crashes.
     """
@@ -241,11 +242,23 @@ def compact_catalog(root: str | os.PathLike, *, row_group_rows: int = 131_072, m
         summary = CompactSummary(str(root), n_pixels=len(by_pixel),
                                  n_files_before=sum(len(v) for v in by_pixel.values()))
         todo = [(k, v) for k, v in by_pixel.items() if len(v) >= max(int(min_files), 1)]
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm.auto import tqdm
 
-        for (norder, npix), files in tqdm(todo, desc="compact", unit="pixel", disable=not progress):
-            summary.exchange &= _merge_pixel(root, norder, npix, files, row_group_rows, use_exchange, hook)
-            summary.n_compacted += 1
+        with ThreadPoolExecutor(max(int(workers), 1)) as pool, \
+                tqdm(total=len(todo), desc="compact", unit="pixel", disable=not progress) as bar:
+            futures = [pool.submit(_merge_pixel, root, norder, npix, files, row_group_rows, use_exchange, hook)
+                       for (norder, npix), files in todo]
+            try:
+                for fut in futures:
+                    summary.exchange &= fut.result()
+                    summary.n_compacted += 1
+                    bar.update(1)
+            except BaseException:
+                for fut in futures:  # stop at the first failure; pixels in flight finish or stop safely
+                    fut.cancel()
+                raise
         recover(root)  # removes the emptied staging folders
         meta_path = root / paths.CATALOG_META
         try:

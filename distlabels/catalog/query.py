@@ -14,6 +14,7 @@ import math
 import operator
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from distlabels.errors import QueryError, StoreError
 
 __all__ = ["Catalog", "CleanSelection", "CLEAN", "open_catalog", "parse_where", "format_table", "angular_separation"]
 
+_CHUNK_FILES = 64  # files read by one thread before one filter runs over their rows
 PARTITION_COLUMNS = ("Norder", "Dir", "Npix")  # from directory names, int32, queryable on request
 _PART_SCHEMA = pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS])
 FUNCTIONS = ("abs", "isnan", "isnull")
@@ -267,6 +269,11 @@ def parse_where(expr: str, columns: Sequence[str] | pa.Schema) -> pc.Expression:
     return term.expr
 
 
+def _names(expr: str) -> set[str]:
+    """Column names a (valid) ``--where`` expression refers to."""
+    return {n.id for n in ast.walk(ast.parse(expr.strip(), mode="eval")) if isinstance(n, ast.Name)}
+
+
 def angular_separation(ra1: Any, dec1: Any, ra2: Any, dec2: Any) -> np.ndarray:
     """Great-circle distance in degrees between positions in degrees (haversine, broadcast)."""
     r1, d1, r2, d2 = (np.radians(np.asarray(x, np.float64)) for x in (ra1, dec1, ra2, dec2))
@@ -357,7 +364,7 @@ class Catalog:
         self.root, self._meta = root, meta
         self.filesystem = filesystem
         self._schema: pa.Schema | None = None
-        self._cache: tuple | None = None  # (listing key, dataset, {path: fragment})
+        self._listing_key: int | None = None
         self.last_files_read = 0  # fragment files opened by the latest query()
 
     @property
@@ -396,31 +403,20 @@ class Catalog:
         return [str(n) for n in self._meta.get("label_names") or fallback]
 
     def _snapshot(self) -> list[Path]:
-        """List the fragments; rebuild the cached dataset when the listing changed.
-
-        The dataset's fragments keep the Parquet footers they read, so repeated queries on one
-        Catalog do not parse them again. Files are only replaced by renames, so (path, inode)
-        pairs tell whether the cache still describes the files on disk.
-        """
+        """The visible fragments now; the schema is read again when the listing changed (a run or
+        compact may have rewritten ``_common_metadata``). Files are only ever replaced by
+        renames, so (path, inode) pairs tell whether the listing changed."""
         entries = paths.fragment_entries(self.root)
-        key = tuple((str(p), ino) for p, ino in entries)
-        if self._cache is None or self._cache[0] != key:
-            self._schema = None  # a run or compact may have rewritten _common_metadata
-            dataset = ds.dataset([str(p) for p, _ in entries], format="parquet", filesystem=self.filesystem,
-                                 schema=pa.unify_schemas([self.schema, _PART_SCHEMA]),
-                                 partitioning=ds.partitioning(_PART_SCHEMA, flavor="hive"),
-                                 partition_base_dir=str(self.root / paths.DATASET_DIR)) if entries else None
-            frags = {f.path: f for f in dataset.get_fragments()} if dataset is not None else {}
-            self._cache = (key, dataset, frags)
+        key = hash(tuple((str(p), ino) for p, ino in entries))
+        if key != self._listing_key:
+            self._schema, self._listing_key = None, key
         return [p for p, _ in entries]
 
     def _dataset(self, files: Sequence[Path]) -> ds.Dataset:
-        """The cached dataset, or one made of its fragments for a subset of the files."""
-        _, dataset, frags = self._cache
-        if dataset is not None and len(files) == len(frags):
-            return dataset
-        return ds.FileSystemDataset([frags[str(f)] for f in files], dataset.schema, dataset.format,
-                                    dataset.filesystem)
+        return ds.dataset([str(f) for f in files], format="parquet", filesystem=self.filesystem,
+                          schema=pa.unify_schemas([self.schema, _PART_SCHEMA]),
+                          partitioning=ds.partitioning(_PART_SCHEMA, flavor="hive"),
+                          partition_base_dir=str(self.root / paths.DATASET_DIR))
 
     def query(self, where: str | None = None, columns: Sequence[str] | None = None,
               cone: Sequence[float] | None = None, limit: int | None = None,
@@ -455,10 +451,13 @@ class Catalog:
                                   or limit < 0):
             raise QueryError(f"--limit must be a non-negative integer, not {limit!r}.")
         filt = parse_where(where, full) if where is not None else None
+        needed = set(out_cols) | (_names(where) if where is not None else set())
         if clean:
             sel = clean if isinstance(clean, CleanSelection) else CLEAN
-            cf = parse_where(sel.where(schema.names), full)
+            clean_where = sel.where(schema.names)
+            cf = parse_where(clean_where, full)
             filt = cf if filt is None else pc.and_kleene(filt, cf)
+            needed |= _names(clean_where)
         cone_t = _validate_cone(cone) if cone is not None else None
         if cone_t is not None:
             if not {"ra", "dec"} <= set(schema.names):
@@ -468,39 +467,88 @@ class Catalog:
             # exact-safe band: a row within radius of the centre has |dec - dec0| <= radius
             band = (pc.field("dec") >= dec0 - radius) & (pc.field("dec") <= dec0 + radius)
             filt = band if filt is None else pc.and_kleene(filt, band)
-        if files and filt is not None:  # Norder/Dir/Npix conditions drop directories unopened
+            needed |= {"ra", "dec"}
+        if files and filt is not None and needed & set(PARTITION_COLUMNS):
+            # Norder/Dir/Npix conditions drop directories unopened
             files = [Path(f.path) for f in self._dataset(files).get_fragments(filter=filt)]
-        read_cols = list(dict.fromkeys(out_cols + (["ra", "dec"] if cone_t else [])))
+        read_cols = [c for c in full.names if c in needed]
 
-        tables = [pa.table({c: pa.array([], type=full.field(c).type) for c in read_cols})]
+        out_schema = pa.schema([full.field(c) for c in read_cols])
+        tables = [out_schema.empty_table()]
         n_rows, done = 0, 0
-        step = len(files) if limit is None else 16  # with a limit, stop opening files early
-        while done < len(files) and (limit is None or n_rows < limit):
-            t = self._read(files[done:done + step], read_cols, filt, where)
-            done = self.last_files_read = min(done + step, len(files))
-            if cone_t is not None and t.num_rows:  # exact cut on the rows of candidate pixels
-                sep = angular_separation(t["ra"].to_numpy(), t["dec"].to_numpy(), cone_t[0], cone_t[1])
-                t = t.filter(pa.array(sep <= cone_t[2]))
-            tables.append(t)
-            n_rows += t.num_rows
+        workers = max(1, min(pa.cpu_count(), len(files)))
+        # files go to the threads in chunks (one filter per chunk, not per small file); with a
+        # limit, a few chunks at a time so that opening files stops early
+        chunk = max(1, min(_CHUNK_FILES if limit is None else 8, -(-len(files) // workers)))
+        step = len(files) if limit is None else chunk * workers
+        with ThreadPoolExecutor(workers) as pool:
+            while done < len(files) and (limit is None or n_rows < limit):
+                batch = files[done:done + step]
+                parts = [batch[i:i + chunk] for i in range(0, len(batch), chunk)]
+                for t in pool.map(lambda fs: self._read_chunk(fs, out_schema, filt, where), parts):
+                    if cone_t is not None and t.num_rows:  # exact cut on the rows of candidate pixels
+                        sep = angular_separation(t["ra"].to_numpy(), t["dec"].to_numpy(), cone_t[0], cone_t[1])
+                        t = t.filter(pa.array(sep <= cone_t[2]))
+                    tables.append(t)
+                    n_rows += t.num_rows
+                done = self.last_files_read = done + len(batch)
         table = pa.concat_tables(tables)
         return (table if limit is None else table.slice(0, int(limit))).select(out_cols)
 
-    def _read(self, files: Sequence[Path], cols: list[str], filt: pc.Expression | None,
-              where: str | None) -> pa.Table:
+    def _read_chunk(self, files: Sequence[Path], out_schema: pa.Schema, filt: pc.Expression | None,
+                    where: str | None) -> pa.Table:
+        """The rows of ``files`` that pass ``filt``, with the columns of ``out_schema``.
+
+        One ``ParquetFile`` per file and one filter per chunk: for the many small files of a
+        sky-partitioned catalog this costs less per file than a dataset scan (measured in
+        benchmarks/query.py). Columns a fragment lacks are null; partition columns come from
+        its path.
+        """
+        tables = [self._read_file(f, out_schema) for f in files]
+        t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        if filt is None:
+            return t
         try:
-            return self._dataset(files).to_table(columns=cols, filter=filt)
-        except FileNotFoundError as e:
-            raise _Vanished(str(e).strip().splitlines()[0] if str(e).strip() else "a file vanished") from None
-        except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid) as e:
+            return t.filter(filt)
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid, TypeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
             if where is None:
                 raise StoreError(f"cannot read the catalog at {self.root}: {first}.") from None
             raise QueryError(f"could not evaluate --where {where!r}: {first}.") from None
+
+    def _read_file(self, path: Path, out_schema: pa.Schema) -> pa.Table:
+        names = out_schema.names
+        try:
+            src = self.filesystem.open_input_file(str(path)) if self.filesystem is not None else pa.OSFile(str(path))
+            try:
+                pf = pq.ParquetFile(src)
+                file_schema = pf.schema_arrow
+                t = pf.read(columns=[c for c in names if file_schema.get_field_index(c) >= 0], use_threads=False)
+            finally:
+                src.close()
+        except FileNotFoundError as e:
+            raise _Vanished(str(e).strip().splitlines()[0] if str(e).strip() else "a file vanished") from None
         except OSError as e:
             if "No such file" in str(e) or "not found" in str(e).lower():
                 raise _Vanished(str(e).strip().splitlines()[0]) from None
-            raise StoreError(f"cannot read the catalog at {self.root}: {e}.") from None
+            raise StoreError(f"cannot read {path}: {e}.") from None
+        except pa.ArrowInvalid as e:
+            raise StoreError(f"cannot read {path}: {e}.") from None
+        if t.schema.equals(out_schema):
+            return t  # the usual case: every fragment written alike
+        cols, part = [], None
+        for field in out_schema:
+            if field.name in t.column_names:
+                col = t.column(field.name)
+                cols.append(col if col.type == field.type else col.cast(field.type))
+            elif field.name in PARTITION_COLUMNS:
+                if part is None:
+                    norder, npix = paths.parse_pixel_dir(path)
+                    part = {"Norder": norder, "Dir": (npix // 10000) * 10000, "Npix": npix}
+                cols.append(pa.array(np.full(t.num_rows, part[field.name], np.int32)))
+            else:
+                cols.append(pa.nulls(t.num_rows, field.type))
+        return pa.Table.from_arrays(cols, schema=out_schema)
 
     def _prune(self, files: list[Path], ra: float, dec: float, radius: float) -> list[Path]:
         """Fragments whose pixel directory may intersect the cone (unparsable paths are kept)."""
