@@ -8,6 +8,8 @@ Stores and catalogs share one HATS-style layout::
       _run.json                          catalog only: model sha256, config hash, store manifest
       _quarantine/                       inputs that could not be used (one fragment per task)
       _failures.parquet                  partitions that kept failing
+      _run.log.jsonl                     catalog only: structured log, one JSON record per partition
+      _done/                             catalog on object storage only: one completion marker per fragment
       hats.properties, partition_info.csv  catalog only: HATS catalog-level files (end of each run)
       _staging/                          catalog only: ``distlabels compact`` work area
       dataset/_common_metadata, _metadata  catalog only: HATS/Parquet schema and footers
@@ -23,6 +25,7 @@ directories, which is why work areas live outside ``dataset/``.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,6 +35,8 @@ CATALOG_META = "catalog.json"
 RUN_FILE = "_run.json"
 QUARANTINE_DIR = "_quarantine"
 FAILURES_FILE = "_failures.parquet"
+RUN_LOG = "_run.log.jsonl"
+DONE_DIR = "_done"
 MODEL_META = "model.json"
 MODEL_WEIGHTS = "weights.safetensors"
 HEALPIX_COLUMN = "_healpix_29"
@@ -56,9 +61,18 @@ def fragment_path(root: str | os.PathLike, norder: int, npix: int, name: str) ->
     return pixel_dir(root, norder, npix) / f"{name}.parquet"
 
 
-def temp_path(final: Path) -> Path:
-    """Temporary sibling of ``final``: hidden, so readers skip it until the atomic rename."""
-    return final.with_name(f".{final.name}.tmp")
+def temp_path(final: Path, token: str | None = None) -> Path:
+    """Temporary sibling of ``final``: hidden, so readers skip it until the atomic rename.
+
+    token: a per-writer tag (pid, random) so that two writers of the same fragment (a retried task
+    and a worker presumed dead) never write into one temporary file.
+    """
+    return final.with_name(f".{final.name}.{token}.tmp" if token else f".{final.name}.tmp")
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """True for an fsspec URL (``s3://``, ``gs://``, ``file://``, ``memory://``), False for a plain path."""
+    return isinstance(location, str) and "://" in location
 
 
 def parse_pixel_dir(path: str | os.PathLike) -> tuple[int, int]:
@@ -110,3 +124,33 @@ def list_fragments(root: str | os.PathLike) -> list[Path]:
     Files and directories whose names start with '.' or '_' are skipped, as pyarrow does.
     """
     return [p for p, _ in fragment_entries(root)]
+
+
+def _merged_names(record: Path) -> list[str]:
+    try:
+        names = json.loads(record.read_text()).get("merged", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def compacted_fragments(root: str | os.PathLike) -> set[str]:
+    """Fragments merged by ``distlabels compact``, as paths relative to ``root``
+    (``dataset/Norder=K/Dir=D/Npix=N/<name>.parquet``).
+
+    They no longer exist under their own names, but their rows are in the catalog, in their
+    pixel's ``Npix=N.parquet`` (listed in the pixel's ``_compaction.json``), so a run counts them
+    as written.
+    """
+    root = Path(root)
+    out: set[str] = set()
+    for rec in (root / DATASET_DIR).glob(f"Norder=*/Dir=*/Npix=*/{COMPACTION_RECORD}"):
+        rel = rec.parent.relative_to(root).as_posix()
+        out.update(f"{rel}/{n}.parquet" for n in _merged_names(rec))
+    return out
+
+
+def is_compacted(root: str | os.PathLike, rel: str) -> bool:
+    """Whether fragment ``rel`` (relative to ``root``) was merged by ``distlabels compact``."""
+    full = Path(root) / rel
+    return full.stem in _merged_names(full.parent / COMPACTION_RECORD)

@@ -22,8 +22,8 @@ A reader that listed the old files just before the swap and opens them after it 
 file-not-found error (never wrong rows); :meth:`distlabels.catalog.Catalog.query` lists again
 and retries. A fit run writing into the catalog at the same time is refused (see ``_run.json``):
 fragments written into a directory while it is swapped out would be lost. The pipeline's
-re-run check uses :func:`distlabels.catalog.writer.fragment_done`, which reads
-``_compaction.json``, so merged fragments are not fitted again.
+re-run check (``Location.completed``) counts the fragments listed in ``_compaction.json``
+(:func:`distlabels.paths.compacted_fragments`), so merged fragments are not fitted again.
 """
 from __future__ import annotations
 
@@ -144,7 +144,11 @@ def _check_no_run(root: Path) -> None:
         run = json.loads(run_file.read_text())
     except (OSError, ValueError):
         return
-    if isinstance(run, dict) and run.get("started") and not run.get("finished"):
+    if not isinstance(run, dict):
+        return
+    # "status" is "running" from start to end of a run; older records have only started/finished
+    running = run.get("status") == "running" or ("status" not in run and run.get("started") and not run.get("finished"))
+    if running:
         raise DistlabelsError(f"a fit run into {root} has started and not finished (see {paths.RUN_FILE}); "
                               "let it finish or re-run it to completion before compacting, or pass --force "
                               "if no run is writing.")

@@ -14,7 +14,6 @@ catalog-level files: ``catalog.json`` and the HATS files of :mod:`.hats`. A frag
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -95,23 +94,8 @@ def write_catalog_meta(root: str | os.PathLike, meta: dict[str, Any]) -> dict[st
     return full
 
 
-@functools.lru_cache(maxsize=4096)
-def _merged_names(record: str, mtime_ns: int) -> frozenset[str]:
-    try:
-        data = json.loads(Path(record).read_text())
-    except (OSError, ValueError):
-        return frozenset()
-    return frozenset(str(n) for n in data.get("merged", []))
-
-
 def fragment_done(root: str | os.PathLike, norder: int, npix: int, name: str) -> bool:
     """Whether fragment ``name`` of pixel (norder, npix) is in the catalog: as its own file, or
     merged by ``distlabels compact`` into the pixel's file (listed in ``_compaction.json``)."""
-    if paths.fragment_path(root, norder, npix, name).exists():
-        return True
-    record = paths.pixel_dir(root, norder, npix) / paths.COMPACTION_RECORD
-    try:
-        mtime = record.stat().st_mtime_ns
-    except OSError:
-        return False
-    return name in _merged_names(str(record), mtime)
+    final = paths.fragment_path(root, norder, npix, name)
+    return final.exists() or paths.is_compacted(root, final.relative_to(root).as_posix())

@@ -141,10 +141,13 @@ def test_readers_never_see_duplicates_or_losses_during_compact(cat_copy, mock_ca
 
 
 def test_compact_refuses_a_running_fit(cat_copy) -> None:
-    (cat_copy / paths.RUN_FILE).write_text(json.dumps({"started": "2026-01-01T00:00:00Z"}))
+    (cat_copy / paths.RUN_FILE).write_text(json.dumps({"started": "2026-01-01T00:00:00Z", "status": "running"}))
     with pytest.raises(DistlabelsError, match="has started and not finished") as info:
         compact_catalog(cat_copy)
     assert "\n" not in str(info.value)
+    (cat_copy / paths.RUN_FILE).write_text(json.dumps({"started": "2026-01-01T00:00:00Z"}))  # an older record
+    with pytest.raises(DistlabelsError, match="has started and not finished"):
+        compact_catalog(cat_copy)
     assert compact_catalog(cat_copy, force=True).n_compacted > 0
 
 
