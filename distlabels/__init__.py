@@ -7,11 +7,12 @@ plot), ``pipeline`` (Dask), ``cli``.
 __version__ = "0.1.0"
 
 
-def open_catalog(path):
-    """Open a label catalog for queries (see :class:`distlabels.catalog.query.Catalog`)."""
+def open_catalog(path, **kwargs):
+    """Open a label catalog: ``.query(where=, cone=, columns=, clean=, limit=) -> pyarrow.Table``
+    (see :class:`distlabels.catalog.query.Catalog`)."""
     from .catalog.query import open_catalog as _open
 
-    return _open(path)
+    return _open(path, **kwargs)
 
 
 __all__ = ["__version__", "open_catalog"]

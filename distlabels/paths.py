@@ -12,14 +12,22 @@ Stores and catalogs share one HATS-style layout::
       _failures.parquet                  partitions that kept failing
       _run.log.jsonl                     catalog only: structured log, one JSON record per partition
       _done/                             catalog on object storage only: one completion marker per fragment
+      hats.properties, partition_info.csv  catalog only: HATS catalog-level files (end of each run)
+      _staging/                          catalog only: ``distlabels compact`` work area
+      dataset/_common_metadata, _metadata  catalog only: HATS/Parquet schema and footers
       dataset/Norder=K/Dir=D/Npix=N/     one directory per sky pixel (nested HEALPix, order K)
           part-XXXX.parquet              fragments; written as .part-XXXX.parquet.tmp then renamed
+          Npix=N.parquet                 catalog only: the fragments merged by ``distlabels compact``
+          _compaction.json               catalog only: which fragments that file holds
 
 Dir = (Npix // 10000) * 10000, as in HATS. Hidden files (leading '.' or '_') are ignored by
-pyarrow, DuckDB and pandas, so a fragment half written is never read.
+pyarrow and pandas, and DuckDB's ``dataset/**/*.parquet`` glob skips names that do not end in
+``.parquet``, so a fragment half written is never read. DuckDB does descend into hidden
+directories, which is why work areas live outside ``dataset/``.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -36,6 +44,13 @@ MODEL_WEIGHTS = "weights.safetensors"
 INGEST_DIR = "_ingest"
 HEALPIX_COLUMN = "_healpix_29"
 HEALPIX_ORDER = 29
+HATS_PROPERTIES = "hats.properties"
+PARTITION_INFO = "partition_info.csv"
+COMMON_METADATA = "_common_metadata"     # in dataset/
+PARQUET_METADATA = "_metadata"           # in dataset/
+COMPACTION_RECORD = "_compaction.json"   # in a pixel directory
+STAGING_DIR = "_staging"                 # at the catalog root, outside dataset/
+COMPACT_LOCK = "_compact.lock"
 
 
 def pixel_dir(root: str | os.PathLike, norder: int, npix: int) -> Path:
@@ -91,9 +106,69 @@ def ingest_work_dir(root: str | os.PathLike) -> Path:
     return Path(root) / INGEST_DIR
 
 
-def list_fragments(root: str | os.PathLike) -> list[Path]:
-    """All visible Parquet fragments under ``root/dataset``, sorted (deterministic task order)."""
+def compacted_name(npix: int) -> str:
+    """File name (without extension) of the merged file of pixel ``npix`` (HATS's default name)."""
+    return f"Npix={int(npix)}"
+
+
+def fragment_entries(root: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(path, inode) of every visible Parquet fragment under ``root/dataset``, sorted by path.
+
+    Files and directories whose names start with '.' or '_' are skipped, as pyarrow does. The
+    inode comes free with the directory listing; since fragments are only ever replaced by a
+    rename (never rewritten in place), (path, inode) identifies a file's content.
+    """
     base = Path(root) / DATASET_DIR
     if not base.is_dir():
         return []
-    return sorted(p for p in base.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    out: list[tuple[str, int]] = []
+    stack = [str(base)]
+    while stack:  # os.scandir: one system call per directory, fast on catalogs of 1e4 files
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.name.startswith((".", "_")):
+                    continue
+                if e.is_dir():
+                    stack.append(e.path)
+                elif e.name.endswith(".parquet"):
+                    out.append((e.path, e.inode()))
+    # Path order, as before: store manifests hash this order
+    return sorted(((Path(p), ino) for p, ino in out), key=lambda x: x[0])
+
+
+def list_fragments(root: str | os.PathLike) -> list[Path]:
+    """All visible Parquet fragments under ``root/dataset``, sorted (deterministic task order).
+
+    Files and directories whose names start with '.' or '_' are skipped, as pyarrow does.
+    """
+    return [p for p, _ in fragment_entries(root)]
+
+
+def _merged_names(record: Path) -> list[str]:
+    try:
+        names = json.loads(record.read_text()).get("merged", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def compacted_fragments(root: str | os.PathLike) -> set[str]:
+    """Fragments merged by ``distlabels compact``, as paths relative to ``root``
+    (``dataset/Norder=K/Dir=D/Npix=N/<name>.parquet``).
+
+    They no longer exist under their own names, but their rows are in the catalog, in their
+    pixel's ``Npix=N.parquet`` (listed in the pixel's ``_compaction.json``), so a run counts them
+    as written.
+    """
+    root = Path(root)
+    out: set[str] = set()
+    for rec in (root / DATASET_DIR).glob(f"Norder=*/Dir=*/Npix=*/{COMPACTION_RECORD}"):
+        rel = rec.parent.relative_to(root).as_posix()
+        out.update(f"{rel}/{n}.parquet" for n in _merged_names(rec))
+    return out
+
+
+def is_compacted(root: str | os.PathLike, rel: str) -> bool:
+    """Whether fragment ``rel`` (relative to ``root``) was merged by ``distlabels compact``."""
+    full = Path(root) / rel
+    return full.stem in _merged_names(full.parent / COMPACTION_RECORD)

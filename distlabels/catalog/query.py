@@ -14,6 +14,7 @@ import math
 import operator
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ import pyarrow.parquet as pq
 from distlabels import paths
 from distlabels.errors import QueryError, StoreError
 
-__all__ = ["Catalog", "open_catalog", "parse_where", "format_table", "angular_separation"]
+__all__ = ["Catalog", "CleanSelection", "CLEAN", "open_catalog", "parse_where", "format_table", "angular_separation"]
 
+_CHUNK_FILES = 64  # files read by one thread before one filter runs over their rows
 PARTITION_COLUMNS = ("Norder", "Dir", "Npix")  # from directory names, int32, queryable on request
 _PART_SCHEMA = pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS])
 FUNCTIONS = ("abs", "isnan", "isnull")
@@ -267,6 +269,11 @@ def parse_where(expr: str, columns: Sequence[str] | pa.Schema) -> pc.Expression:
     return term.expr
 
 
+def _names(expr: str) -> set[str]:
+    """Column names a (valid) ``--where`` expression refers to."""
+    return {n.id for n in ast.walk(ast.parse(expr.strip(), mode="eval")) if isinstance(n, ast.Name)}
+
+
 def angular_separation(ra1: Any, dec1: Any, ra2: Any, dec2: Any) -> np.ndarray:
     """Great-circle distance in degrees between positions in degrees (haversine, broadcast)."""
     r1, d1, r2, d2 = (np.radians(np.asarray(x, np.float64)) for x in (ra1, dec1, ra2, dec2))
@@ -293,24 +300,71 @@ def _validate_cone(cone: Sequence[float]) -> tuple[float, float, float]:
     try:
         ra, dec, radius = (float(x) for x in cone)
     except (TypeError, ValueError):
-        raise QueryError("a cone is three numbers: ra_deg, dec_deg, radius_deg.") from None
+        raise QueryError("a cone is three numbers in degrees: ra, dec, radius, e.g. --cone 150.1 2.2 0.5.") from None
     problem = ("is not three finite numbers" if not all(map(math.isfinite, (ra, dec, radius))) else
-               f"has declination {dec} deg outside [-90, 90]" if not -90.0 <= dec <= 90.0 else
-               f"has radius {radius} deg outside (0, 180]" if not 0.0 < radius <= 180.0 else None)
+               f"has right ascension {ra:g} deg outside [-360, 360]" if not -360.0 <= ra <= 360.0 else
+               f"has declination {dec:g} deg outside [-90, 90]" if not -90.0 <= dec <= 90.0 else
+               f"has radius {radius:g} deg outside (0, 180] (the radius is in degrees, not arcsec)"
+               if not 0.0 < radius <= 180.0 else None)
     if problem:
-        raise QueryError(f"the cone ({ra}, {dec}, {radius}) {problem}.")
+        raise QueryError(f"the cone ({ra:g}, {dec:g}, {radius:g}) {problem}.")
     return ra % 360.0, dec, radius
 
 
-class Catalog:
-    """A label catalog on disk (see :mod:`distlabels.paths` for the layout); read-only."""
+@dataclass(frozen=True)
+class CleanSelection:
+    """The clean sample (``--clean``): stars whose labels can be used without further cuts.
 
-    def __init__(self, root: Path, meta: dict[str, Any]):
+    A star is clean when (1) no bit of :class:`distlabels.fit.Flag` is set in ``flags`` (fitted,
+    converged, inside the model's label box, RV inside the search range, S/N and chi^2 not
+    flagged by the kernel), (2) ``ingest_flags == 0`` where the catalog has that column, (3) S/N
+    per pixel >= ``min_snr`` and (4) reduced chi^2 <= ``max_chi2_red``: stricter than the
+    kernel's own LOW_SNR / CHI2_HIGH flags, which mark fits that are unusable rather than merely
+    imprecise. Rows with NaN S/N or chi^2 are not clean.
+    """
+
+    min_snr: float = 20.0
+    max_chi2_red: float = 3.0
+
+    @staticmethod
+    def reject_bits() -> int:
+        """Every flag bit the kernel defines (read from the Flag enum, never hard-coded)."""
+        from distlabels.fit.flags import Flag
+
+        return int(functools.reduce(operator.or_, (int(f) for f in Flag), 0))
+
+    def where(self, columns: Sequence[str]) -> str:
+        """The selection as a ``--where`` expression over a catalog with ``columns``."""
+        missing = [c for c in ("flags", "snr", "chi2_red") if c not in columns]
+        if missing:
+            raise QueryError(f"--clean needs the column(s) {', '.join(missing)}, which this catalog lacks.")
+        parts = [f"flags & {self.reject_bits()} == 0"]
+        if "ingest_flags" in columns:
+            parts.append("ingest_flags == 0")
+        parts += [f"snr >= {float(self.min_snr)!r}", f"chi2_red <= {float(self.max_chi2_red)!r}"]
+        return " and ".join(parts)
+
+
+CLEAN = CleanSelection()
+
+
+class _Vanished(Exception):
+    """A listed fragment disappeared before it was read (``compact`` swapped its directory)."""
+
+
+class Catalog:
+    """A label catalog on disk (see :mod:`distlabels.paths` for the layout); read-only.
+
+    filesystem: a :class:`pyarrow.fs.FileSystem` through which fragment files are opened (the
+    local one by default; tests wrap it to count files opened). Fragments are listed afresh by
+    every query, so fragments streamed in by a running fit, or merged by ``compact``, are seen.
+    """
+
+    def __init__(self, root: Path, meta: dict[str, Any], filesystem: Any = None):
         self.root, self._meta = root, meta
-        base = root / paths.DATASET_DIR  # skip files inside hidden folders too
-        self._fragments = [p for p in paths.list_fragments(root)
-                           if not any(s.startswith((".", "_")) for s in p.relative_to(base).parts)]
+        self.filesystem = filesystem
         self._schema: pa.Schema | None = None
+        self._listing_key: int | None = None
         self.last_files_read = 0  # fragment files opened by the latest query()
 
     @property
@@ -321,16 +375,19 @@ class Catalog:
     @property
     def fragments(self) -> list[Path]:
         """Visible Parquet fragments, sorted; hidden ('.', '_') files and folders are skipped."""
-        return list(self._fragments)
+        return paths.list_fragments(self.root)
 
     @property
     def schema(self) -> pa.Schema:
-        """Schema of the fragment files (read from the first; the writer writes all alike)."""
+        """Schema of the catalog: ``dataset/_common_metadata`` (all fragments' columns), else the
+        first fragment's (the writer writes all alike); without key-value metadata."""
         if self._schema is None:
+            common = self.root / paths.DATASET_DIR / paths.COMMON_METADATA
+            src = common if common.is_file() else next(iter(self.fragments), None)
             try:
-                self._schema = pq.read_schema(self._fragments[0]) if self._fragments else pa.schema([])
+                self._schema = pq.read_schema(src).remove_metadata() if src is not None else pa.schema([])
             except (OSError, pa.ArrowInvalid) as e:
-                raise StoreError(f"cannot read fragment {self._fragments[0]}: {e}.") from None
+                raise StoreError(f"cannot read the schema in {src}: {e}.") from None
         return self._schema
 
     @property
@@ -345,22 +402,45 @@ class Catalog:
         fallback = [c for c in cols if f"{c}_err" in cols and c != "rv"]
         return [str(n) for n in self._meta.get("label_names") or fallback]
 
+    def _snapshot(self) -> list[Path]:
+        """The visible fragments now; the schema is read again when the listing changed (a run or
+        compact may have rewritten ``_common_metadata``). Files are only ever replaced by
+        renames, so (path, inode) pairs tell whether the listing changed."""
+        entries = paths.fragment_entries(self.root)
+        key = hash(tuple((str(p), ino) for p, ino in entries))
+        if key != self._listing_key:
+            self._schema, self._listing_key = None, key
+        return [p for p, _ in entries]
+
     def _dataset(self, files: Sequence[Path]) -> ds.Dataset:
-        return ds.dataset([str(f) for f in files], format="parquet",
+        return ds.dataset([str(f) for f in files], format="parquet", filesystem=self.filesystem,
                           schema=pa.unify_schemas([self.schema, _PART_SCHEMA]),
                           partitioning=ds.partitioning(_PART_SCHEMA, flavor="hive"),
                           partition_base_dir=str(self.root / paths.DATASET_DIR))
 
     def query(self, where: str | None = None, columns: Sequence[str] | None = None,
-              cone: Sequence[float] | None = None, limit: int | None = None) -> pa.Table:
+              cone: Sequence[float] | None = None, limit: int | None = None,
+              clean: bool | CleanSelection = False) -> pa.Table:
         """Rows matching ``where`` (see :func:`parse_where`) inside ``cone`` (ra, dec, radius in
-        degrees), with ``columns`` (default: every file column), at most ``limit`` rows.
+        degrees), with ``columns`` (default: every file column), at most ``limit`` rows; with
+        ``clean`` (True or a :class:`CleanSelection`), only the clean sample.
 
         Norder, Dir and Npix may be used in ``where`` and ``columns``. Only fragments in pixel
         directories that can intersect the cone are opened; the count of files opened is left in
         :attr:`last_files_read`.
         """
+        for attempt in range(3):
+            try:
+                return self._query(where, columns, cone, limit, clean)
+            except _Vanished as e:  # compact swapped a pixel directory between listing and reading
+                if attempt == 2:
+                    raise StoreError(f"the catalog at {self.root} kept changing while it was read "
+                                     f"({e}); try again.") from None
+        raise AssertionError("unreachable")
+
+    def _query(self, where, columns, cone, limit, clean) -> pa.Table:
         self.last_files_read = 0
+        files = self._snapshot()
         schema = self.schema
         full = pa.unify_schemas([schema, _PART_SCHEMA])
         out_cols = list(schema.names) if columns is None else list(dict.fromkeys(columns))
@@ -371,8 +451,14 @@ class Catalog:
                                   or limit < 0):
             raise QueryError(f"--limit must be a non-negative integer, not {limit!r}.")
         filt = parse_where(where, full) if where is not None else None
+        needed = set(out_cols) | (_names(where) if where is not None else set())
+        if clean:
+            sel = clean if isinstance(clean, CleanSelection) else CLEAN
+            clean_where = sel.where(schema.names)
+            cf = parse_where(clean_where, full)
+            filt = cf if filt is None else pc.and_kleene(filt, cf)
+            needed |= _names(clean_where)
         cone_t = _validate_cone(cone) if cone is not None else None
-        files = list(self._fragments)
         if cone_t is not None:
             if not {"ra", "dec"} <= set(schema.names):
                 raise StoreError(f"the catalog at {self.root} has no ra/dec columns for a cone search.")
@@ -381,35 +467,88 @@ class Catalog:
             # exact-safe band: a row within radius of the centre has |dec - dec0| <= radius
             band = (pc.field("dec") >= dec0 - radius) & (pc.field("dec") <= dec0 + radius)
             filt = band if filt is None else pc.and_kleene(filt, band)
-        if files and filt is not None:  # Norder/Dir/Npix conditions drop directories unopened
+            needed |= {"ra", "dec"}
+        if files and filt is not None and needed & set(PARTITION_COLUMNS):
+            # Norder/Dir/Npix conditions drop directories unopened
             files = [Path(f.path) for f in self._dataset(files).get_fragments(filter=filt)]
-        read_cols = list(dict.fromkeys(out_cols + (["ra", "dec"] if cone_t else [])))
+        read_cols = [c for c in full.names if c in needed]
 
-        tables = [pa.table({c: pa.array([], type=full.field(c).type) for c in read_cols})]
+        out_schema = pa.schema([full.field(c) for c in read_cols])
+        tables = [out_schema.empty_table()]
         n_rows, done = 0, 0
-        step = len(files) if limit is None else 16  # with a limit, stop opening files early
-        while done < len(files) and (limit is None or n_rows < limit):
-            t = self._read(files[done:done + step], read_cols, filt, where)
-            done = self.last_files_read = min(done + step, len(files))
-            if cone_t is not None and t.num_rows:  # exact cut on the rows of candidate pixels
-                sep = angular_separation(t["ra"].to_numpy(), t["dec"].to_numpy(), cone_t[0], cone_t[1])
-                t = t.filter(pa.array(sep <= cone_t[2]))
-            tables.append(t)
-            n_rows += t.num_rows
+        workers = max(1, min(pa.cpu_count(), len(files)))
+        # files go to the threads in chunks (one filter per chunk, not per small file); with a
+        # limit, a few chunks at a time so that opening files stops early
+        chunk = max(1, min(_CHUNK_FILES if limit is None else 8, -(-len(files) // workers)))
+        step = len(files) if limit is None else chunk * workers
+        with ThreadPoolExecutor(workers) as pool:
+            while done < len(files) and (limit is None or n_rows < limit):
+                batch = files[done:done + step]
+                parts = [batch[i:i + chunk] for i in range(0, len(batch), chunk)]
+                for t in pool.map(lambda fs: self._read_chunk(fs, out_schema, filt, where), parts):
+                    if cone_t is not None and t.num_rows:  # exact cut on the rows of candidate pixels
+                        sep = angular_separation(t["ra"].to_numpy(), t["dec"].to_numpy(), cone_t[0], cone_t[1])
+                        t = t.filter(pa.array(sep <= cone_t[2]))
+                    tables.append(t)
+                    n_rows += t.num_rows
+                done = self.last_files_read = done + len(batch)
         table = pa.concat_tables(tables)
         return (table if limit is None else table.slice(0, int(limit))).select(out_cols)
 
-    def _read(self, files: Sequence[Path], cols: list[str], filt: pc.Expression | None,
-              where: str | None) -> pa.Table:
+    def _read_chunk(self, files: Sequence[Path], out_schema: pa.Schema, filt: pc.Expression | None,
+                    where: str | None) -> pa.Table:
+        """The rows of ``files`` that pass ``filt``, with the columns of ``out_schema``.
+
+        One ``ParquetFile`` per file and one filter per chunk: for the many small files of a
+        sky-partitioned catalog this costs less per file than a dataset scan (measured in
+        benchmarks/query.py). Columns a fragment lacks are null; partition columns come from
+        its path.
+        """
+        tables = [self._read_file(f, out_schema) for f in files]
+        t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        if filt is None:
+            return t
         try:
-            return self._dataset(files).to_table(columns=cols, filter=filt)
-        except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid) as e:
+            return t.filter(filt)
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid, TypeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
             if where is None:
                 raise StoreError(f"cannot read the catalog at {self.root}: {first}.") from None
             raise QueryError(f"could not evaluate --where {where!r}: {first}.") from None
+
+    def _read_file(self, path: Path, out_schema: pa.Schema) -> pa.Table:
+        names = out_schema.names
+        try:
+            src = self.filesystem.open_input_file(str(path)) if self.filesystem is not None else pa.OSFile(str(path))
+            try:
+                pf = pq.ParquetFile(src)
+                file_schema = pf.schema_arrow
+                t = pf.read(columns=[c for c in names if file_schema.get_field_index(c) >= 0], use_threads=False)
+            finally:
+                src.close()
+        except FileNotFoundError as e:
+            raise _Vanished(str(e).strip().splitlines()[0] if str(e).strip() else "a file vanished") from None
         except OSError as e:
-            raise StoreError(f"cannot read the catalog at {self.root}: {e}.") from None
+            if "No such file" in str(e) or "not found" in str(e).lower():
+                raise _Vanished(str(e).strip().splitlines()[0]) from None
+            raise StoreError(f"cannot read {path}: {e}.") from None
+        except pa.ArrowInvalid as e:
+            raise StoreError(f"cannot read {path}: {e}.") from None
+        if t.schema.equals(out_schema):
+            return t  # the usual case: every fragment written alike
+        cols, part = [], None
+        for field in out_schema:
+            if field.name in t.column_names:
+                col = t.column(field.name)
+                cols.append(col if col.type == field.type else col.cast(field.type))
+            elif field.name in PARTITION_COLUMNS:
+                if part is None:
+                    norder, npix = paths.parse_pixel_dir(path)
+                    part = {"Norder": norder, "Dir": (npix // 10000) * 10000, "Npix": npix}
+                cols.append(pa.array(np.full(t.num_rows, part[field.name], np.int32)))
+            else:
+                cols.append(pa.nulls(t.num_rows, field.type))
+        return pa.Table.from_arrays(cols, schema=out_schema)
 
     def _prune(self, files: list[Path], ra: float, dec: float, radius: float) -> list[Path]:
         """Fragments whose pixel directory may intersect the cone (unparsable paths are kept)."""
@@ -427,8 +566,11 @@ class Catalog:
         return [f for f, k in zip(files, keys) if keep[k]]
 
 
-def open_catalog(path: str | os.PathLike) -> Catalog:
-    """Open the catalog at ``path``; StoreError if it is missing or has no dataset/ directory."""
+def open_catalog(path: str | os.PathLike, *, filesystem: Any = None) -> Catalog:
+    """Open the catalog at ``path``; StoreError if it is missing or has no dataset/ directory.
+
+    filesystem: optional :class:`pyarrow.fs.FileSystem` used to open fragment files.
+    """
     root = Path(path)
     if not root.exists():
         raise StoreError(f"catalog {str(root)!r} does not exist.")
@@ -441,7 +583,7 @@ def open_catalog(path: str | os.PathLike) -> Catalog:
         raise StoreError(f"cannot read {meta_path}: {e}.") from None
     if not isinstance(meta, dict):
         raise StoreError(f"{meta_path} is not a JSON object.")
-    return Catalog(root, meta)
+    return Catalog(root, meta, filesystem)
 
 
 def _pylist(col: pa.ChunkedArray) -> list[Any]:
@@ -466,22 +608,91 @@ def _text_table(table: pa.Table, max_rows: int) -> str:
     return "\n".join(["  ".join(parts).rstrip() for parts in zip(*cols)] + [footer]) + "\n"
 
 
-def format_table(table: pa.Table, fmt: str = "table", out: str | os.PathLike | None = None,
-                 *, max_rows: int = 20) -> str | None:
-    """Render a query result as "table" (aligned text, first ``max_rows`` rows and a row-count
-    footer), "csv", "json" (array of records, NaN as null) or "parquet" (needs ``out``).
+_FITS_CARDS = (("DLMODEL", "model_id", "distlabels model id"), ("DLMODSHA", "model_sha256", "model weights sha256"),
+               ("DLVERS", "distlabels_version", "distlabels code version"), ("DLSTORE", "store", "input spectra store"))
 
-    Returns the text when ``out`` is None (the caller prints it); otherwise writes ``out``
-    atomically (hidden temporary sibling, then rename) and returns None.
+
+def _fits_bytes(table: pa.Table, provenance: dict[str, Any] | None) -> bytes:
+    """A FITS file (empty primary HDU + one BINTABLE) of ``table``, with units and provenance.
+
+    Floats keep NaN for missing values; integer columns with nulls become masked (TNULL);
+    strings are fixed-width ASCII/UTF-8 bytes; fixed-length list columns become array cells.
+    """
+    from astropy.io import fits
+    from astropy.table import MaskedColumn, Table
+
+    from .columns import unit
+
+    cols = {}
+    for field in table.schema:
+        col = table.column(field.name)
+        t = field.type
+        if pa.types.is_floating(t):
+            data = col.cast(pa.float64() if t.bit_width > 32 else pa.float32()).fill_null(np.nan)
+            cols[field.name] = data.to_numpy()
+        elif pa.types.is_integer(t) or pa.types.is_boolean(t):
+            values = col.to_numpy(zero_copy_only=False) if col.null_count == 0 else None
+            if values is None:
+                mask = col.is_null().to_numpy(zero_copy_only=False)
+                values = MaskedColumn(col.fill_null(0).to_numpy(zero_copy_only=False), mask=mask)
+            cols[field.name] = values
+        elif pa.types.is_string(t) or pa.types.is_large_string(t):
+            cols[field.name] = np.array(["" if v is None else v for v in col.to_pylist()], dtype=str)
+        elif pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+            if len(lengths) and (np.any(lengths != lengths[0]) or col.null_count):
+                raise QueryError(f"column '{field.name}' holds lists of different lengths, which FITS "
+                                 "cannot store as a table column; leave it out with --columns.")
+            n = int(lengths[0]) if len(lengths) else 0
+            flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+            cols[field.name] = np.asarray(flat).reshape(len(col), n)
+        else:
+            raise QueryError(f"column '{field.name}' of type {t} cannot be written to FITS; leave it out with --columns.")
+    tab = Table(cols) if cols else Table()
+    hdu = fits.table_to_hdu(tab)
+    hdu.name = "CATALOG"
+    # TUNITn written as plain strings: 'dex' is not a FITS-standard unit, so astropy's unit
+    # machinery would drop it, but TOPCAT and astropy show it as written
+    for i, name in enumerate(tab.colnames, start=1):
+        u = unit(name)
+        if u:
+            hdu.header[f"TUNIT{i}"] = u
+    primary = fits.PrimaryHDU()
+    primary.header["ORIGIN"] = "distlabels"
+    for key, src, comment in _FITS_CARDS:
+        value = (provenance or {}).get(src)
+        if value is not None:
+            value = str(value)  # long values (paths) use the CONTINUE convention, without comment
+            primary.header[key] = (value, comment) if len(value) + len(comment) < 60 else value
+    buf = io.BytesIO()
+    fits.HDUList([primary, hdu]).writeto(buf)
+    return buf.getvalue()
+
+
+def format_table(table: pa.Table, fmt: str = "table", out: str | os.PathLike | None = None,
+                 *, max_rows: int = 20, provenance: dict[str, Any] | None = None) -> str | None:
+    """Render a query result as "table" (aligned text, first ``max_rows`` rows and a row-count
+    footer), "csv", "json" (array of records, NaN as null), "parquet" or "fits" (a FITS binary
+    table with units, for TOPCAT and astropy; both need ``out``).
+
+    provenance: the catalog's provenance (model id and sha256, code version, store), stored in
+    the Parquet key-value metadata or the FITS primary header. Returns the text when ``out`` is
+    None (the caller prints it); otherwise writes ``out`` atomically (hidden temporary sibling,
+    then rename) and returns None.
     """
     fmt = str(fmt).lower()
-    if fmt not in ("table", "csv", "json", "parquet"):
-        raise QueryError(f"unknown output format {fmt!r}; use table, csv, json or parquet.")
-    if fmt == "parquet" and out is None:
-        raise QueryError("--format parquet needs an output file (--out PATH).")
+    if fmt not in ("table", "csv", "json", "parquet", "fits"):
+        raise QueryError(f"unknown output format {fmt!r}; use table, csv, json, parquet or fits.")
+    if fmt in ("parquet", "fits") and out is None:
+        raise QueryError(f"--format {fmt} needs an output file (--out PATH).")
     buf = io.BytesIO()
     if fmt == "parquet":
+        if provenance:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                   b"distlabels": json.dumps(provenance, default=str).encode()})
         pq.write_table(table, buf)
+    elif fmt == "fits":
+        buf.write(_fits_bytes(table, provenance))
     elif fmt == "csv":
         import pyarrow.csv as pcsv
         pcsv.write_csv(table, buf)

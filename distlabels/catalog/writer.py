@@ -6,6 +6,11 @@ identifiers and sky position copied from the store, every label and ``<label>_er
 ``true_*`` columns of a mock. Fragments are written atomically (see
 :func:`distlabels.io.store.write_fragment`), so a reader never sees half a file and a retried
 task overwrites the same path with the same content.
+
+At the end of each run (and after ``distlabels compact``) :func:`write_catalog_meta` rewrites the
+catalog-level files: ``catalog.json`` and the HATS files of :mod:`.hats`. A fragment that
+``compact`` merged into its pixel's ``Npix=N.parquet`` no longer exists under its own name;
+:func:`fragment_done` still reports it as written, so a re-run skips it.
 """
 from __future__ import annotations
 
@@ -13,15 +18,17 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import paths
-from ..fit.kernel import FitResult
 from ..io.store import write_fragment, write_json_atomic
+from .hats import write_hats_files
+
+if TYPE_CHECKING:  # torch is not needed to write or read a catalog
+    from ..fit.kernel import FitResult
 
 PASSTHROUGH = ("source_id", "survey", "ra", "dec", paths.HEALPIX_COLUMN)
 
@@ -68,13 +75,30 @@ def write_catalog_fragment(root: str | os.PathLike, norder: int, npix: int, name
     return write_fragment(table, paths.fragment_path(root, norder, npix, name), md)
 
 
+# catalog.json keys computed from the files (a caller's values for them are replaced)
+COMPUTED_KEYS = ("n_rows", "n_fragments", "n_pixels", "healpix_order", "hats_max_rows", "moc_sky_fraction",
+                 "parquet_metadata", "hats", "format", "updated")
+
+
 def write_catalog_meta(root: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write ``catalog.json``: label names, model, store, counts (recomputed from the files)."""
+    """Write the catalog-level files: ``catalog.json`` and the HATS files (see :mod:`.hats`).
+
+    meta: the description of the catalog: ``label_names``, ``model_id``, ``provenance`` (model
+    id and sha256, model path, input store, fit config, distlabels version), ``store_meta`` and
+    optionally ``catalog_name``. Counts are recomputed from the fragment footers. Returns the
+    full catalog.json content.
+    """
     root = Path(root)
-    frags = paths.list_fragments(root)
-    n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in frags)
-    full = dict(meta)
-    full.update(n_rows=n_rows, n_fragments=len(frags), format="distlabels-catalog/1",
-                updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    base = {k: v for k, v in meta.items() if k not in COMPUTED_KEYS}
+    counts = write_hats_files(root, base)
+    full = dict(base)
+    full.update(counts, format="distlabels-catalog/1", updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_json_atomic(root / paths.CATALOG_META, full)
     return full
+
+
+def fragment_done(root: str | os.PathLike, norder: int, npix: int, name: str) -> bool:
+    """Whether fragment ``name`` of pixel (norder, npix) is in the catalog: as its own file, or
+    merged by ``distlabels compact`` into the pixel's file (listed in ``_compaction.json``)."""
+    final = paths.fragment_path(root, norder, npix, name)
+    return final.exists() or paths.is_compacted(root, final.relative_to(root).as_posix())

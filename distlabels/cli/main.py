@@ -16,7 +16,11 @@ from ..errors import DistlabelsError
 EPILOG = "Docs: README.md and DESIGN.md. Every subcommand has --help."
 
 # Modules (under distlabels.cli) that add subcommands; see build_parser.
-EXTRA_COMMAND_MODULES: list[str] = ["distlabels.cli.production", "distlabels.cli.ingest"]
+EXTRA_COMMAND_MODULES: list[str] = [
+    "distlabels.cli.production",
+    "distlabels.cli.ingest",
+    "distlabels.cli.catalog",
+]
 
 
 def _csv(text: str) -> list[str]:
@@ -119,35 +123,6 @@ def cmd_mock(args) -> int:
     return 0
 
 
-def cmd_query(args) -> int:
-    from ..catalog.query import format_table, open_catalog
-
-    cat = open_catalog(args.catalog)
-    cone = tuple(args.cone) if args.cone else None
-    table = cat.query(where=args.where, columns=_csv(args.columns) if args.columns else None, cone=cone,
-                      limit=args.limit)
-    text = format_table(table, args.format, args.out)
-    if text:
-        print(text, end="" if text.endswith("\n") else "\n")
-    elif args.out:
-        print(f"wrote {len(table)} rows to {args.out}", file=sys.stderr)
-    return 0
-
-
-def cmd_plot(args) -> int:
-    from ..catalog.plot import kiel_diagram, recovery_plot
-    from ..catalog.query import open_catalog
-
-    cat = open_catalog(args.catalog)
-    table = cat.query(where=args.where)
-    if args.kind == "kiel":
-        out = kiel_diagram(table, args.out)
-    else:
-        out = recovery_plot(table, args.out)
-    print(f"wrote {out} ({len(table)} stars)")
-    return 0
-
-
 def cmd_demo(args) -> int:
     from ..pipeline.demo import run_demo
 
@@ -206,21 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
 
     # fit (and verify): distlabels/cli/production.py
-
-    pq_ = add("query", "select rows of a catalog (Arrow; the files also open in DuckDB, pandas, LSDB)", cmd_query)
-    pq_.add_argument("catalog")
-    pq_.add_argument("--where", help="filter, e.g. \"teff < 4500 and logg < 2 and flags == 0\"")
-    pq_.add_argument("--columns", help="comma-separated columns (default all)")
-    pq_.add_argument("--cone", nargs=3, type=float, metavar=("RA", "DEC", "RADIUS_DEG"), help="cone search, degrees")
-    pq_.add_argument("--limit", type=int, help="at most N rows")
-    pq_.add_argument("--format", choices=["table", "csv", "parquet", "json"], default="table")
-    pq_.add_argument("--out", help="write to this file instead of stdout")
-
-    pp = add("plot", "plot a catalog: kiel (Teff-log g by [M/H]) or recovery (fit - truth for mocks)", cmd_plot)
-    pp.add_argument("catalog")
-    pp.add_argument("kind", choices=["kiel", "recovery"])
-    pp.add_argument("--where", help="filter rows first (same syntax as query)")
-    pp.add_argument("--out", required=True, help="output PNG")
 
     pd = add("demo", "the whole path on this machine: import bossbrain, mock, fit on a LocalCluster, query, plot",
              cmd_demo)

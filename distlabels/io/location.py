@@ -173,8 +173,8 @@ class Location:
 
     def is_complete(self, rel: str) -> bool:
         """True when fragment ``rel`` was written completely (path: present; URL: marker matches)."""
-        if not self.is_url:
-            return (self.path / rel).exists()
+        if not self.is_url:  # present, or merged into its pixel's file by distlabels compact
+            return (self.path / rel).exists() or paths.is_compacted(self.path, rel)
         try:
             marker = json.loads(self.read_text(marker_rel(rel)))
             return int(self.fs.size(self._abs(rel))) == int(marker["bytes"])
@@ -184,7 +184,8 @@ class Location:
     def completed(self) -> set[str]:
         """Relative paths of every complete fragment, from listings and one batched read of the markers."""
         if not self.is_url:
-            return {p.relative_to(self.path).as_posix() for p in paths.list_fragments(self.path)}
+            return ({p.relative_to(self.path).as_posix() for p in paths.list_fragments(self.path)}
+                    | paths.compacted_fragments(self.path))
         sizes = {rel: size for rel, size in self._find(paths.DATASET_DIR, sizes=True).items()
                  if rel.endswith(".parquet") and not posixpath.basename(rel).startswith((".", "_"))}
         markers = [rel for rel in self._find(paths.DONE_DIR)

@@ -17,6 +17,7 @@ import pytest
 
 from distlabels import paths
 from distlabels.healpix import healpix29, parent_pixel
+from tests.catalog.helpers import copy_catalog
 
 N_ROWS = 3000
 ORDER = 2
@@ -105,3 +106,10 @@ def mock_catalog(tmp_path_factory: pytest.TempPathFactory) -> MockCatalog:
     df = make_rows(N_ROWS)
     n = write_catalog(root, df)
     return MockCatalog(root=root, df=df, n_fragments=n)
+
+
+@pytest.fixture(scope="module")
+def hats_catalog(mock_catalog, tmp_path_factory) -> MockCatalog:
+    """The mock catalog with its HATS catalog-level files (read-only for tests)."""
+    root = copy_catalog(mock_catalog.root, tmp_path_factory.mktemp("hats") / "cat")
+    return MockCatalog(root=root, df=mock_catalog.df, n_fragments=mock_catalog.n_fragments)

@@ -92,3 +92,68 @@ def test_recovery_plot(table: pa.Table, tmp_path: Path) -> None:
 def test_recovery_plot_needs_truth(table: pa.Table, tmp_path: Path) -> None:
     with pytest.raises(QueryError, match="true_teff"):
         recovery_plot(table.drop_columns(["true_teff"]), tmp_path / "r.png")
+
+
+# --- abundance planes, dense catalogs ----------------------------------------------------------
+def test_abundance_planes(mock_catalog, table: pa.Table, tmp_path: Path) -> None:
+    from distlabels.catalog.plot import abundance_planes
+
+    out, fig = abundance_planes(open_catalog(mock_catalog.root), tmp_path / "ab.png", return_fig=True)
+    assert _is_png(out)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in panels] == ["[C/M] [dex]"]  # the mock's only abundance label
+    ax = panels[0]
+    assert ax.get_xlabel() == "[M/H] [dex]"
+    cm = table.column("cm").to_numpy()
+    lo, hi = ax.get_ylim()
+    p1, p99 = np.nanpercentile(cm, [1, 99])
+    assert lo < p1 and hi > p99 and hi - lo < 2 * (np.nanmax(cm) - np.nanmin(cm))  # data-driven range
+    n_ok = int(np.sum(np.isfinite(cm) & np.isfinite(table.column("mh").to_numpy())))
+    assert any(f"N = {n_ok:,}" in t.get_text() for t in ax.texts)
+    with pytest.raises(QueryError, match="no abundance labels"):
+        abundance_planes(table.select(["teff", "teff_err", "mh", "mh_err"]), tmp_path / "x.png")
+
+
+def _dense_table(n: int) -> pa.Table:
+    rng = np.random.default_rng(3)
+    teff = rng.normal(5000, 500, n)
+    mh = rng.normal(-0.3, 0.3, n)
+    return pa.table({"teff": teff, "logg": rng.uniform(0.5, 4.5, n), "mh": mh, "mgm": -0.3 * mh + rng.normal(0, .05, n),
+                     "cam": rng.normal(0, .1, n), "true_teff": teff + rng.normal(0, 40, n),
+                     "true_logg": rng.uniform(0.5, 4.5, n), "true_mh": mh})
+
+
+def test_dense_catalogs_use_hexbins(tmp_path: Path) -> None:
+    from matplotlib.collections import PolyCollection
+
+    from distlabels.catalog.plot import DENSE_N, abundance_planes
+
+    t = _dense_table(DENSE_N + 5_000)
+    _, fig = kiel_diagram(t, tmp_path / "k.png", return_fig=True)
+    ax = fig.axes[0]
+    hexes = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert hexes and "median [M/H]" in fig.axes[1].get_ylabel()
+    assert ax.xaxis_inverted() and ax.yaxis_inverted()
+    _, fig = abundance_planes(t, tmp_path / "a.png", labels=["mgm", "cam"], return_fig=True)
+    assert any("stars per bin" in a.get_ylabel() for a in fig.axes)
+    counts = [c.get_array() for a in fig.axes for c in a.collections if isinstance(c, PolyCollection)]
+    assert len(counts) == 2 and all(int(np.sum(c)) == len(t) for c in counts)  # every star in a bin
+    assert _is_png(recovery_plot(t, tmp_path / "r.png"))
+
+
+def test_recovery_grid_for_many_labels(table: pa.Table, tmp_path: Path) -> None:
+    labels = ("teff", "logg", "mh", "cm", "rv")
+    _, fig = recovery_plot(table, tmp_path / "rec.png", labels=labels, return_fig=True)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_xlabel()]
+    assert len(panels) == 5 and panels[4].get_ylabel() == "fit - true RV [km/s]"
+    assert "[K]" in panels[0].get_ylabel() and "[dex]" in panels[3].get_ylabel()
+
+
+def test_plots_query_a_catalog_with_where_and_clean(mock_catalog, tmp_path: Path) -> None:
+    cat = open_catalog(mock_catalog.root)
+    n = cat.query(where="teff > 6000", clean=True, columns=["teff"]).num_rows
+    _, fig = kiel_diagram(cat, tmp_path / "k.png", where="teff > 6000", clean=True, return_fig=True)
+    assert f"N = {n:,}" in fig.axes[0].get_title()
+    assert min(fig.axes[0].get_xlim()) >= 6000 - 0.1 * 2000
+    with pytest.raises(QueryError, match="apply to a Catalog"):
+        kiel_diagram(cat.query(), tmp_path / "x.png", clean=True)

@@ -273,3 +273,86 @@ def test_format_parquet(cat: Catalog, tmp_path: Path) -> None:
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # temp file renamed
     with pytest.raises(QueryError, match="format"):
         format_table(t, "xlsx")
+
+
+# --- clean sample ------------------------------------------------------------------------------
+def test_clean_selection_matches_numpy_mask(mock_catalog, cat: Catalog) -> None:
+    from distlabels.catalog.query import CLEAN, CleanSelection
+    from distlabels.fit import Flag
+
+    df = mock_catalog.df
+    every_bit = 0
+    for f in Flag:  # the reject mask is every defined bit, however many the kernel defines
+        every_bit |= int(f)
+    ok = ((df["flags"].to_numpy() & every_bit) == 0) & (df.snr.to_numpy() >= CLEAN.min_snr) \
+        & (df.chi2_red.to_numpy() <= CLEAN.max_chi2_red)
+    got = cat.query(clean=True, columns=["source_id"])
+    assert 0 < got.num_rows < len(df) and _ids(got) == sorted(df.source_id[ok])
+    # combined with --where and a custom selection
+    strict = CleanSelection(min_snr=100.0, max_chi2_red=1.0)
+    ok2 = ((df["flags"].to_numpy() & every_bit) == 0) & (df.snr.to_numpy() >= 100) & (df.chi2_red.to_numpy() <= 1) \
+        & (df.teff.to_numpy() > 5000)
+    assert _ids(cat.query(where="teff > 5000", clean=strict, columns=["source_id"])) == sorted(df.source_id[ok2])
+    assert "snr >= 100.0" in strict.where(cat.columns) and str(every_bit) in strict.where(cat.columns)
+
+
+def test_clean_needs_quality_columns(tmp_path) -> None:
+    root = tmp_path / "c"
+    (root / "dataset" / "Norder=0" / "Dir=0" / "Npix=1").mkdir(parents=True)
+    pq.write_table(pa.table({"source_id": ["a"], "teff": [5000.0]}),
+                   root / "dataset" / "Norder=0" / "Dir=0" / "Npix=1" / "part-0000.parquet")
+    with pytest.raises(QueryError, match="--clean needs the column"):
+        open_catalog(root).query(clean=True)
+
+
+# --- FITS output -------------------------------------------------------------------------------
+def test_format_fits_round_trip_with_units(cat: Catalog, tmp_path: Path) -> None:
+    from astropy.io import fits
+    from astropy.table import Table
+
+    t = cat.query(where="isnan(teff) or teff > 7000",
+                  columns=["source_id", "survey", "ra", "dec", "teff", "logg", "mh", "rv", "flags", "n_iter"])
+    with pytest.raises(QueryError, match="--out"):
+        format_table(t, "fits")
+    out = tmp_path / "q.fits"
+    assert format_table(t, "fits", out, provenance={"model_id": "payne-test-1", "store": "/x" * 40}) is None
+    with fits.open(out) as hdul:
+        assert hdul[0].header["DLMODEL"] == "payne-test-1" and hdul[0].header["DLSTORE"] == "/x" * 40
+        h = hdul[1].header
+        units = {h[f"TTYPE{i}"]: h.get(f"TUNIT{i}") for i in range(1, h["TFIELDS"] + 1)}
+    assert units["teff"] == "K" and units["ra"] == "deg" and units["rv"] == "km/s" and units["mh"] == "dex"
+    assert units["flags"] is None and units["source_id"] is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy warns that 'dex' is not a FITS-standard unit
+        back = Table.read(out, hdu="CATALOG")
+    assert len(back) == t.num_rows and back.colnames == t.column_names
+    assert [s.strip() for s in back["source_id"]] == t.column("source_id").to_pylist()
+    np.testing.assert_array_equal(np.asarray(back["teff"]), t.column("teff").to_numpy())  # NaN kept
+    assert np.isnan(np.asarray(back["teff"])).any()
+    np.testing.assert_array_equal(np.asarray(back["flags"]), t.column("flags").to_numpy())
+    assert back["n_iter"].dtype.kind == "i" and back["n_iter"].dtype.itemsize == 2
+    assert back["ra"].dtype.kind == "f" and back["ra"].dtype.itemsize == 8
+
+
+def test_format_fits_rejects_ragged_lists(tmp_path: Path) -> None:
+    t = pa.table({"x": pa.array([[1.0, 2.0], [3.0]])})
+    with pytest.raises(QueryError, match="lists of different lengths"):
+        format_table(t, "fits", tmp_path / "x.fits")
+    fixed = pa.table({"x": pa.array([[1.0, 2.0], [3.0, 4.0]]), "i": pa.array([1, None], pa.int32())})
+    format_table(fixed, "fits", tmp_path / "y.fits")
+    from astropy.table import Table
+
+    back = Table.read(tmp_path / "y.fits")
+    assert back["x"].shape == (2, 2) and back["i"].mask.tolist() == [False, True]
+
+
+def test_cone_ra_out_of_range_and_wrap(mock_catalog, cat: Catalog) -> None:
+    with pytest.raises(QueryError, match="right ascension"):
+        cat.query(cone=(400.0, 0.0, 1.0))
+    with pytest.raises(QueryError, match="not arcsec"):
+        cat.query(cone=(10.0, 0.0, 3600.0))
+    # -10 deg is 350 deg
+    assert _ids(cat.query(cone=(-10.0, 5.0, 12.0), columns=["source_id"])) == \
+        _brute_force_cone(mock_catalog.df, 350.0, 5.0, 12.0)

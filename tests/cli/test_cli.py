@@ -10,7 +10,7 @@ import sys
 import pytest
 
 SUBCOMMANDS = [[], ["models"], ["models", "import"], ["models", "info"], ["mock"], ["fit"], ["query"], ["plot"],
-               ["demo"]]
+               ["demo"], ["compact"], ["info"]]
 
 
 def run(*args, cwd=None):
