@@ -123,6 +123,10 @@ def cmd_train_payne(args) -> int:
         patience=int(args.patience) if args.patience is not None else base.patience,
         seed=int(args.seed) if args.seed is not None else base.seed)
     out = _prepare_out(args.out, bool(args.overwrite), resume=bool(args.resume))
+    from ..train.loop import CHECKPOINT_DIR, STATE_META
+
+    if args.resume and not (out / CHECKPOINT_DIR / STATE_META).is_file():
+        raise DistlabelsError(f"--resume: {out} has no checkpoint to resume ({CHECKPOINT_DIR}/{STATE_META}).")
     ts = load_training_set(args.grid, labels, rv_column="none")
     model, report = train_payne(ts, cfg, device=args.device or "auto", out_dir=out, resume=bool(args.resume),
                                 progress=not args.no_progress,

@@ -308,6 +308,15 @@ class CannonFitter:
         Gv = vf @ self.G
         return beta * (vf * Gv).sum(1), Gv[:, 1:]
 
+    def _debiased_curvature(self, x, H, beta):
+        """J^T A J minus the training-noise part beta J^T G J (kept where it stays positive definite)."""
+        if not self.debias:
+            return H
+        dv = self._dv(x)
+        Hc = H - beta[:, None, None] * (dv.transpose(1, 2) @ self.G[1:, 1:] @ dv)
+        ok = torch.linalg.cholesky_ex(Hc)[1] == 0
+        return torch.where(ok[:, None, None], Hc, H)
+
     def _qf_eval(self, A, b, c, beta):
         def ev(x, rows, jac):
             v = self._v(x)
@@ -507,10 +516,12 @@ class CannonFitter:
             rv = torch.full((n,), float(self.rv_fixed), dtype=torch.float64, device=dev)
         else:
             rv = self._rv_ccf(d.double(), w.double())
+        cont = ccov = None
         if self.normalise:
-            fn, wn, coeffs, _ = self.model.continuum.normalise(d.cpu(), w.cpu(), self.lam_obs, rv.cpu(),
-                                                               good=(w > 0).cpu())
+            fn, wn, coeffs, _, cont, ccov = self.model.continuum.normalise(d.cpu(), w.cpu(), self.lam_obs, rv.cpu(),
+                                                                           good=(w > 0).cpu(), full=True)
             fn, wn, coeffs, n_live = fn.to(dev), wn.to(dev), coeffs.to(dev), None
+            cont, ccov = cont.to(dev), ccov.to(dev)
         else:
             fn, wn, coeffs = d, w, torch.ones(n, 1, dtype=torch.float64, device=dev)
         out = {"rv": rv, "coeffs": coeffs}
@@ -519,11 +530,40 @@ class CannonFitter:
             out["A"], out["b"], out["c"], out["beta"] = self._sums_same_grid(fn.to(q), wn.to(q))
             out["n_use"] = torch.as_tensor(n_live, device=dev) if n_live is not None else \
                 ((wn > 0) & ~self.dead[None]).sum(1)
+            we = None
         else:
             out["A"], out["b"], out["c"], out["beta"], out["n_use"], we = self._sums_shifted(fn, wn, rv)
             if self.rv_fixed is None or not self.fast_path:
                 out["fn"], out["wn"], out["we"] = fn.double(), wn.double(), we
+        if cont is not None:
+            out["Q"], out["ccov"] = self._continuum_sensitivity(fn.double(), wn.double(), we, cont, rv), ccov
         return out
+
+    def _continuum_sensitivity(self, fn, wn, we, cont, rv):
+        """Q (n, T', K) = sum_p w_p (fn_p / cont_p) th_p B_p^T: how the label-vector gradient moves
+        with the continuum coefficients. With their covariance it adds the normalisation's own
+        noise to the label covariance (J^T W dr, dr = fn B dc / cont)."""
+        pc = self.model.continuum
+        if getattr(self, "_cont_basis", None) is None:
+            from ..models.continuum import chebyshev_design
+
+            self._cont_basis = torch.as_tensor(chebyshev_design(self.lam_obs, pc.segments, pc.degree)[0],
+                                               device=self.device)
+        B = self._cont_basis                                                          # (P, K)
+        if we is None:                                                                # same grid, no shift
+            we = torch.where(self.dead[None], torch.zeros_like(wn), wn / (1 + wn * self.s2[None]))
+            g = we * fn / cont.clamp_min(1e-30)
+            return torch.stack([(g * B[:, k]) @ self.theta_r for k in range(B.shape[1])], 2)
+        g = we * fn / cont.clamp_min(1e-30)
+        tidx, cw, _, _ = self._taps_at(rv)
+        out = []
+        for k in range(B.shape[1]):
+            u = torch.zeros(len(fn), len(self.grid), dtype=torch.float64, device=self.device)
+            gk = g * B[:, k]
+            for a in range(4):
+                u.scatter_add_(1, tidx[..., a], gk * cw[..., a])
+            out.append(u @ self.theta_r)
+        return torch.stack(out, 2)
 
     def _fit_block(self, idx, parts, res: FitResult):
         """Prepare every chunk, then solve all stars ``idx`` (rows of res) together."""
@@ -557,7 +597,7 @@ class CannonFitter:
             q = q @ self.theta_r
             cross = (self._dv(x).transpose(1, 2) @ q[:, :, None])[:, :, 0]            # (n, L)
             Fm = torch.zeros(n, L + 1, L + 1, dtype=torch.float64, device=dev)
-            Fm[:, :L, :L] = H
+            Fm[:, :L, :L] = self._debiased_curvature(x, H, beta)
             Fm[:, :L, L] = cross
             Fm[:, L, :L] = cross
             Fm[:, L, L] = (we * dmdv * dmdv).sum(1)
@@ -565,11 +605,18 @@ class CannonFitter:
             flags[(rv.abs() >= cfg.v_max_kms - self.ccf_step).cpu().numpy()] |= Flag.RV_AT_BOUND
         else:
             Fm = torch.zeros(n, L + 1, L + 1, dtype=torch.float64, device=dev)
-            Fm[:, :L, :L] = H
+            Fm[:, :L, :L] = self._debiased_curvature(x, H, beta)
             free = torch.cat([self.free, torch.zeros(1, dtype=torch.bool, device=dev)])
         keep = free.double()
         Ff = Fm * keep[None, :, None] * keep[None, None, :] + torch.diag_embed((~free).double()[None].expand(n, -1))
         cov = torch.linalg.pinv(Ff, hermitian=True) * keep[None, :, None] * keep[None, None, :]
+        if "Q" in p:
+            # The normalisation's noise, dr = fn B dc / cont, through the estimator: cov E cov with
+            # E = dv^T Q Cov(c) Q^T dv on the label block.
+            K = self._dv(x).transpose(1, 2) @ p["Q"]                                   # (n, L, K)
+            E = K @ p["ccov"] @ K.transpose(1, 2)
+            E = E * self.free.double()[None, :, None] * self.free.double()[None, None, :]
+            cov = cov + cov[:, :, :L] @ E @ cov[:, :L, :]
         var = cov.diagonal(dim1=1, dim2=2).clamp_min(0)
         at_bound = ((x <= -0.5 + 1e-6) | (x >= 0.5 - 1e-6)) & self.free[None]
         flags[at_bound.any(1).cpu().numpy()] |= Flag.AT_LABEL_BOUND

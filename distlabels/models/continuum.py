@@ -51,8 +51,10 @@ def _packed_outer(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return basis[:, i] * basis[:, j], i, j
 
 
-def weighted_polyfit(flux: torch.Tensor, weight: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-10):
-    """Per-star weighted least squares of flux ~ basis @ c: coefficients (n, K) float64.
+def weighted_polyfit(flux: torch.Tensor, weight: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-10,
+                     return_cov: bool = False):
+    """Per-star weighted least squares of flux ~ basis @ c: coefficients (n, K) float64 (and, with
+    return_cov, their covariance (n, K, K) for inverse-variance weights).
 
     One matrix product builds every star's normal equations: (n, n_pix) @ (n_pix, K*K).
     A tiny ridge keeps a segment without weight from making the system singular (its
@@ -64,7 +66,8 @@ def weighted_polyfit(flux: torch.Tensor, weight: torch.Tensor, basis: torch.Tens
     rhs = (weight * flux) @ basis
     scale = lhs.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-30)
     lhs = lhs + ridge * scale[:, None, None] * torch.eye(K, dtype=lhs.dtype, device=lhs.device)
-    return torch.linalg.solve(lhs, rhs[:, :, None])[:, :, 0]
+    coeffs = torch.linalg.solve(lhs, rhs[:, :, None])[:, :, 0]
+    return (coeffs, torch.linalg.inv(lhs)) if return_cov else coeffs
 
 
 def rough_continuum(flux, ivar, wavelength_aa, segments, degree: int = 3, n_iter: int = 8,
@@ -130,7 +133,7 @@ class PseudoContinuum:
         inside = (pos > -0.5) & (pos < len(grid) - 0.5)
         return inside & torch.as_tensor(self.mask)[k]
 
-    def fit(self, flux, ivar, wavelength_vac_aa, rv_kms, good=None):
+    def fit(self, flux, ivar, wavelength_vac_aa, rv_kms, good=None, return_cov: bool = False):
         """Continuum of each star: (cont (n, n_pix) float64, coeffs (n, K), ok (n, n_pix) bool).
 
         ``ok`` is False for pixels outside every segment and in segments with fewer than
@@ -147,7 +150,7 @@ class PseudoContinuum:
         basis = torch.as_tensor(basis_np)
         seg_t = torch.as_tensor(seg_of)
         wc = torch.where(cpix, w, torch.zeros_like(w))
-        coeffs = weighted_polyfit(torch.where(usable, f, torch.zeros_like(f)), wc, basis)
+        coeffs, cov = weighted_polyfit(torch.where(usable, f, torch.zeros_like(f)), wc, basis, return_cov=True)
         cont = coeffs @ basis.T
         ok = (seg_t >= 0)[None].expand_as(f).clone()
         for s in range(len(self.segments)):
@@ -155,15 +158,21 @@ class PseudoContinuum:
             enough = (cpix & in_s[None]).sum(1) >= max(self.min_pixels_per_segment, self.degree + 1)
             ok &= ~(in_s[None] & ~enough[:, None])
         ok &= cont > 0
-        return cont, coeffs, ok
+        return (cont, coeffs, ok, cov) if return_cov else (cont, coeffs, ok)
 
-    def normalise(self, flux, ivar, wavelength_vac_aa, rv_kms, good=None):
-        """(flux / cont, ivar * cont^2, coeffs, ok): normalised spectra, float64 torch; ivar 0 where not ok."""
-        cont, coeffs, ok = self.fit(flux, ivar, wavelength_vac_aa, rv_kms, good)
+    def normalise(self, flux, ivar, wavelength_vac_aa, rv_kms, good=None, full: bool = False):
+        """(flux / cont, ivar * cont^2, coeffs, ok): normalised spectra, float64 torch; ivar 0 where not ok.
+
+        full: also return the continuum itself (n, n_pix) and its coefficients' covariance
+        (n, K, K), to carry the normalisation's own uncertainty into fitted labels.
+        """
+        cont, coeffs, ok, cov = self.fit(flux, ivar, wavelength_vac_aa, rv_kms, good, return_cov=True)
         f = torch.as_tensor(np.asarray(flux), dtype=torch.float64)
         w = torch.as_tensor(np.asarray(ivar), dtype=torch.float64)
         fn = torch.where(ok, f / torch.where(ok, cont, torch.ones_like(cont)), torch.ones_like(f))
         wn = torch.where(ok & torch.isfinite(w) & torch.isfinite(f), w * cont * cont, torch.zeros_like(w))
+        if full:
+            return fn, wn, coeffs, ok, cont, cov
         return fn, wn, coeffs, ok
 
 

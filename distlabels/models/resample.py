@@ -26,12 +26,19 @@ def catmull_rom(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def taps(pos: torch.Tensor, n: int):
     """Sample indices (..., 4) (clamped to the grid), weights (..., 4), weight derivatives by
-    position (..., 4), and ``inside`` (...): the four samples exist (1 <= pos <= n - 2)."""
-    k = pos.floor().clamp(1, n - 3)
+    position (..., 4), and ``inside`` (...): 0 <= pos <= n - 1. In the first and last interval,
+    where the cubic lacks a sample, the weights are linear ([0, 1 - t, t, 0])."""
+    k = pos.floor().clamp(0, n - 2)
     t = (pos - k).clamp(0, 1)
     c, dc = catmull_rom(t)
+    edge = ((k < 1) | (k > n - 3))[..., None]
+    zero = torch.zeros_like(t)
+    lin = torch.stack([zero, 1 - t, t, zero], -1)
+    dlin = torch.stack([zero, -torch.ones_like(t), torch.ones_like(t), zero], -1)
+    c = torch.where(edge, lin, c)
+    dc = torch.where(edge, dlin, dc)
     idx = (k.long()[..., None] + torch.arange(-1, 3, device=pos.device)).clamp(0, n - 1)
-    inside = (pos >= 1) & (pos <= n - 2)
+    inside = (pos >= 0) & (pos <= n - 1)
     return idx, c, dc, inside
 
 

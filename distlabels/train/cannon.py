@@ -371,7 +371,7 @@ def prepare_spectra(ts: TrainingSet, cfg: CannonTrainConfig):
     ok = (rough > 0) & (w > 0) & torch.isfinite(f)
     fr = torch.where(ok, f / rough.clamp_min(1e-30), torch.ones_like(f))
     wr = torch.where(ok, w * rough * rough, torch.zeros_like(w))
-    fr, wr = shift_to_rest(fr.numpy(), wr.numpy(), ts.wavelength_aa, rv)
+    fr, wr = shift_to_rest(fr.numpy(), wr.numpy(), ts.wavelength_aa, rv, nearest=True)
     min_seg = max(3 * (cfg.continuum_degree + 1), 10)
     mask = choose_continuum_pixels(fr, wr, lam_vac, segs, cfg.continuum_fraction, cfg.continuum_chunks, min_seg)
     pc = PseudoContinuum(lam_vac, mask, segs, cfg.continuum_degree, min_pixels_per_segment=min_seg)

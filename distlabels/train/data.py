@@ -21,7 +21,7 @@ from ..errors import DistlabelsError
 from ..io.store import SpectraStore, list_to_numpy, open_store
 from ..io.wavelength import C_KMS
 from ..models.continuum import fractional_index
-from ..models.resample import taps
+from ..models.resample import catmull_rom
 
 
 @dataclass
@@ -82,7 +82,11 @@ def read_table(path: str | os.PathLike) -> pa.Table:
         if getattr(col, "ndim", 1) != 1:
             continue
         arr = np.asarray(col.filled() if hasattr(col, "filled") else col)
-        cols[name] = pa.array(arr.astype(str) if arr.dtype.kind in "SU" else arr)
+        if arr.dtype.kind in "SU":
+            arr = arr.astype(str)
+        elif arr.dtype.byteorder not in ("=", "|"):
+            arr = arr.astype(arr.dtype.newbyteorder("="))     # FITS is big-endian; Arrow wants native
+        cols[name] = pa.array(arr)
     return pa.table(cols)
 
 
@@ -177,9 +181,21 @@ def load_training_set(store: str | os.PathLike | SpectraStore, labels: list[str]
     st = store if isinstance(store, SpectraStore) else open_store(store)
     if not labels:
         raise DistlabelsError("give the labels to train on, e.g. --labels teff,logg,mh.")
+    frags = st.fragments
+    if not frags:
+        raise DistlabelsError(f"spectra store {st.root} holds no spectra.")
+    import pyarrow.parquet as pq
+
+    names = pq.ParquetFile(frags[0]).schema_arrow.names
+    ltab = read_table(label_table) if label_table is not None else None
+    if ltab is None:        # check the label columns before reading every spectrum
+        missing = [n for n in labels if _label_column(names, n) is None]
+        if missing:
+            avail = [c for c in names if c not in ("flux", "ivar", "mask")]
+            raise DistlabelsError(f"the spectra store has no label column {missing[0]!r} (nor true_{missing[0]}); "
+                                  f"columns: {', '.join(avail)}. Give --label-table FILE to join labels.")
     table = st.read_all()
     names = table.column_names
-    ltab = read_table(label_table) if label_table is not None else None
     notes: dict = {"n_store_rows": len(table)}
     if ltab is not None:
         values, info = join_labels(table, ltab, labels, join)
@@ -236,13 +252,14 @@ def doppler(rv_kms) -> np.ndarray:
     return np.sqrt((1 + b) / (1 - b))
 
 
-def shift_to_rest(flux, ivar, wavelength_aa, rv_kms, chunk: int = 1000):
+def shift_to_rest(flux, ivar, wavelength_aa, rv_kms, chunk: int = 1000, nearest: bool = False):
     """Resample observed spectra onto the same grid taken as rest-frame wavelengths.
 
     Rest pixel k takes the observed flux at ``wavelength[k] * D(rv)`` by cubic (Catmull-Rom)
     interpolation (:mod:`distlabels.models.resample`: linear would smooth the lines); its variance
     is propagated (sum of c_a^2 var_a); a pixel whose taps include an unusable one, or that falls
-    off the observed grid, gets ivar 0. flux, ivar: (n, n_pix);
+    off the observed grid, gets ivar 0. ``nearest``: take the nearest pixel instead (no mixing;
+    good enough to choose continuum pixels). flux, ivar: (n, n_pix);
     returns float64 torch tensors. (Interpolation correlates neighbouring pixels' noise: done only
     for the training set, which needs one common grid; the fitter shifts the model instead.)
     """
@@ -250,27 +267,46 @@ def shift_to_rest(flux, ivar, wavelength_aa, rv_kms, chunk: int = 1000):
     if not np.any(rv != 0):
         return (torch.as_tensor(np.asarray(flux), dtype=torch.float64).clone(),
                 torch.as_tensor(np.asarray(ivar), dtype=torch.float64).clone())
-    outs = [_shift_block(flux[lo:lo + chunk], ivar[lo:lo + chunk], wavelength_aa, rv[lo:lo + chunk])
+    outs = [_shift_block(flux[lo:lo + chunk], ivar[lo:lo + chunk], wavelength_aa, rv[lo:lo + chunk], nearest)
             for lo in range(0, len(flux), chunk)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def _shift_block(flux, ivar, wavelength_aa, rv):
-    f = torch.as_tensor(np.asarray(flux), dtype=torch.float64)
-    w = torch.as_tensor(np.asarray(ivar), dtype=torch.float64)
+def _shift_block(flux, ivar, wavelength_aa, rv, nearest: bool = False):
+    f = torch.as_tensor(np.asarray(flux), dtype=torch.float32)
+    w = torch.as_tensor(np.asarray(ivar), dtype=torch.float32)
     good = torch.isfinite(f) & torch.isfinite(w) & (w > 0)
+    f = torch.where(good, f, torch.zeros_like(f))
+    var = torch.where(good, 1 / torch.where(good, w, torch.ones_like(w)), torch.zeros_like(w))
+    bad = (~good).to(torch.float32)
     lam = torch.as_tensor(np.asarray(wavelength_aa, np.float64))
     obs = lam[None] * torch.as_tensor(doppler(rv))[:, None]                   # (n, n_pix)
     pos = fractional_index(lam, obs)
     n, n_pix = f.shape
-    idx, c, _, inside = taps(pos, n_pix)
-    flat = idx.reshape(n, -1)
-    g = good.gather(1, flat).reshape(idx.shape)
-    # A sample with (almost) no weight in the interpolation does not spoil the pixel.
-    ok = inside & (g | (c.abs() < 1e-12)).all(-1)
-    fv = torch.where(g, torch.nan_to_num(f).gather(1, flat).reshape(idx.shape), torch.zeros_like(c))
-    var = torch.where(g, 1 / w.gather(1, flat).reshape(idx.shape).clamp_min(1e-300), torch.zeros_like(c))
-    out_f = torch.where(ok, (c * fv).sum(-1), torch.ones_like(pos))
-    v = (c * c * var).sum(-1)
-    out_w = torch.where(ok & (v > 0), 1 / v.clamp_min(1e-300), torch.zeros_like(pos))
-    return out_f, out_w
+    if nearest:
+        k = pos.round().long().clamp(0, n_pix - 1)
+        inside = (pos > -0.5) & (pos < n_pix - 0.5)
+        ok = inside & (bad.gather(1, k) == 0)
+        return (torch.where(ok, f.gather(1, k), torch.ones_like(f)).double(),
+                torch.where(ok, w.gather(1, k), torch.zeros_like(w)).double())
+    kf = pos.floor().clamp(0, n_pix - 2)
+    c, _ = catmull_rom((pos - kf).clamp(0, 1).to(torch.float32))
+    edge = ((kf < 1) | (kf > n_pix - 3))[..., None]
+    t = (pos - kf).clamp(0, 1).to(torch.float32)
+    lin = torch.stack([torch.zeros_like(t), 1 - t, t, torch.zeros_like(t)], -1)
+    c = torch.where(edge, lin, c)                      # linear in the outermost intervals
+    k = kf.long()
+    inside = (pos >= 0) & (pos <= n_pix - 1)
+    out_f = torch.zeros_like(f)
+    out_v = torch.zeros_like(f)
+    nbad = torch.zeros_like(f)
+    for a in range(4):                      # one (n, n_pix) gather per tap: no (n, n_pix, 4) temporaries
+        j = (k + (a - 1)).clamp(0, n_pix - 1)
+        ca = c[..., a]
+        out_f.addcmul_(ca, f.gather(1, j))
+        out_v.addcmul_(ca * ca, var.gather(1, j))
+        # A sample with (almost) no weight in the interpolation does not spoil the pixel.
+        nbad.addcmul_((ca.abs() > 1e-6).to(torch.float32), bad.gather(1, j))
+    ok = inside & (nbad == 0) & (out_v > 0)
+    return (torch.where(ok, out_f, torch.ones_like(out_f)).double(),
+            torch.where(ok, 1 / torch.where(ok, out_v, torch.ones_like(out_v)), torch.zeros_like(out_v)).double())
