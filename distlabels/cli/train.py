@@ -164,8 +164,9 @@ def register(sub, add) -> None:
     pc.add_argument("--label-table", help="table with the labels (Parquet, CSV, FITS...) instead of store columns")
     pc.add_argument("--join", help="how to match --label-table rows: source_id (default), another shared id "
                                    "column (e.g. gaia_source_id), or sky:ARCSEC (nearest within ARCSEC; needs ra, dec)")
-    pc.add_argument("--rv-column", help="column with each star's RV in km/s, removed before training "
-                                        "(default: true_rv for mocks; 'none' if the spectra are in the rest frame)")
+    pc.add_argument("--rv-column", help="column (store or label table) with each star's RV in km/s, removed before "
+                                        "training (default: true_rv for mocks; 'none' if the spectra are in the rest "
+                                        "frame). The kernel's own RVs: --label-table CATALOG/dataset --rv-column rv")
     pc.add_argument("--normalise", choices=["chebyshev", "none"],
                     help="pseudo-continuum: Chebyshev fits on continuum pixels chosen from the training set "
                          "(default; stored in the model), or none for spectra that come normalised")

@@ -8,22 +8,29 @@ Per batch of stars (all torch, batched, CPU or CUDA):
    (``FitConfig.v_max_kms <= 0``, or ``fix: {rv: VALUE}``).
 2. The model's stored pseudo-continuum normalisation at that RV (the same function training used).
    Skipped for pre-normalised spectra (``FitConfig.continuum_degree < 0``) or a model trained on them.
-3. The data stay on their own pixels (never resampled); the model is shifted onto them by linear
-   interpolation, and its intrinsic scatter s2 is added to the variance.
+3. The data stay on their own pixels (never resampled); the model is shifted onto them by cubic
+   (Catmull-Rom) interpolation, which keeps lines sharp where linear interpolation would bias
+   Teff, and its intrinsic scatter s2 is added to the variance.
 4. Quadratic-form fast path. With RV and normalisation fixed the model is linear in the label vector
    v(x), so chi^2(x) = c - 2 b.v + v^T A v with per-star sums over pixels computed once::
 
        A = sum_p w_p th_p th_p^T    b = sum_p w_p f~_p th_p    c = sum_p w_p f~_p^2
 
    (th_p: the interpolated coefficients without the intercept, f~ = flux - intercept, which
-   keeps the sums well scaled). For every star at once these are two matrix products with packed
-   per-model-pixel products theta_k theta_k^T (and theta_k theta_{k+1}^T for sub-pixel shifts).
-   Every later evaluation costs O(T^2) per star whatever the number of pixels.
-5. Multi-start: chi^2 of a library of training-label points (one matrix product), Levenberg-Marquardt
+   keeps the sums well scaled). For every star at once these are matrix products with packed
+   per-model-pixel products theta_j theta_{j+d}^T (d > 0 only for sub-pixel shifts). Every later
+   evaluation costs O(T^2) per star whatever the number of pixels.
+5. Training-noise debiasing. Noise in the training spectra makes the model's own error at labels x,
+   sum_p w_p v^T Cov(theta_p) v, smallest near the training set's centre, so a plain chi^2 pulls
+   every star there (by about a formal error for ~1,000 training stars at S/N 100). The model
+   stores Cov(theta_p) ~ k_p G from training; the fit subtracts beta v^T G v (beta = sum_p w_p k_p)
+   from chi^2 and from the curvature used for the errors (``debias=False``: the references' chi^2).
+6. Multi-start: chi^2 of a library of training-label points (one matrix product), Levenberg-Marquardt
    from the ``n_starts`` best, the lowest chi^2 kept; labels bounded to the training box.
-6. With a free RV: one Newton refinement of the RV in pixel space, the quadratic form rebuilt there
+7. With a free RV: Newton refinement of the RV in pixel space, the quadratic form rebuilt there
    and the labels refitted; errors from the joint (labels + RV) Fisher matrix, otherwise from
-   J^T A J, in physical units.
+   J^T A J, in physical units, plus the pseudo-continuum's own noise (its coefficient covariance
+   propagated through the estimator) and the model's error floor when it has one.
 
 ``fast_path=False`` runs the same LM on explicit per-pixel residuals (the reference the fast path
 is tested against).
@@ -233,7 +240,16 @@ class CannonFitter:
 
     def _taps_at(self, rv):
         """Cubic-interpolation taps of every observed pixel on the model grid at rv (n,):
-        idx (n, P, 4), weights c, their derivatives by RV (km/s), reachable (n, P) bool."""
+        idx (n, P, 4), weights c, their derivatives by RV (km/s), reachable (n, P) bool.
+        The last result is kept: one batch asks for the same velocities several times."""
+        last = getattr(self, "_taps_cache", None)
+        if last is not None and last[0].shape == rv.shape and torch.equal(last[0], rv):
+            return last[1]
+        out = self._taps_compute(rv)
+        self._taps_cache = (rv.clone(), out)
+        return out
+
+    def _taps_compute(self, rv):
         b = rv / C_KMS
         dop = torch.sqrt((1 + b) / (1 - b))
         lam_rest = self.lam_obs_t[None] / dop[:, None]
@@ -413,7 +429,7 @@ class CannonFitter:
         return x[pick], chi2[torch.arange(n_star, device=dev), best], H[pick], conv[pick], \
             n_iter.reshape(n_star, k).sum(1)
 
-    def _refine_rv(self, x, fn, we_raw, rv, n_newton: int = 3):
+    def _refine_rv(self, x, fn, we_raw, rv, n_newton: int = 2):
         """Newton steps on the RV alone (labels held) in pixel space."""
         F = self._model_on_grid(x)                                                     # (n, P_mod)
         vmax = self.config.v_max_kms
@@ -440,10 +456,11 @@ class CannonFitter:
             raise ValueError(f"flux and ivar must both be (n_star, {self.n_pix}); got {flux.shape} and {ivar.shape}")
         n, L = len(flux), self.n_labels
         n_par = L + 1
-        res = FitResult(self.label_names, np.full((n, L), np.nan), np.full((n, L), np.nan), np.full(n, np.nan),
-                        np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, np.int64), np.zeros(n, np.int64),
-                        np.full((n, self.n_cont), np.nan), np.full(n, np.nan),
-                        np.full((n, n_par, n_par), np.nan) if return_covariance else None)
+        res = FitResult(label_names=self.label_names, labels=np.full((n, L), np.nan),
+                        errors=np.full((n, L), np.nan), rv=np.full(n, np.nan), rv_err=np.full(n, np.nan),
+                        chi2_red=np.full(n, np.nan), n_iter=np.zeros(n, np.int64), flags=np.zeros(n, np.int64),
+                        continuum=np.full((n, self.n_cont), np.nan), snr=np.full(n, np.nan),
+                        covariance=np.full((n, n_par, n_par), np.nan) if return_covariance else None)
         # With the RV held, the per-star sums are all the solver needs: they are built in
         # cache-sized chunks and the (pixel-free) solve runs on large batches of stars.
         quick = self.fast_path and self.rv_fixed is not None
