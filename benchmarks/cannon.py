@@ -266,11 +266,13 @@ def main(argv=None):
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores (pinned to 1), "
-          f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
+          f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}; "
+          f"load average {os.getloadavg()}")
     em = load_emulator()
     out = [run_case(k, args, em) for k in ((3, 7) if args.case == "all" else (int(args.case),))]
     for r in out:
         report(r)
+    print(f"load average at the end (1/5/15 min): {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -117,6 +117,7 @@ def main(argv=None):
     print(f"held-out MAE {mae:.3e} over {len(test)} spectra (per pixel p50/p90/p99 "
           f"{np.round(res['heldout_mae_per_pixel_p50_p90_p99'], 6).tolist()}); target 2e-3: "
           f"{'reached' if res['reached'] else 'NOT reached'}; {rep.loop.epochs_run} epochs in {rep.loop.seconds:.0f} s")
+    print(f"load average at the end (1/5/15 min): {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

@@ -160,14 +160,14 @@ def draw_labels(n: int, rng, box=((4100, 4900), (1.0, 3.0), (-1.0, 0.0))):
 
 @pytest.fixture(scope="session")
 def cannon_mock_stores(tmp_path_factory, bossbrain_model):
-    """Training (n=400, S/N 60-150) and test (n=100, S/N 40-120) stores made by the mock survey from
+    """Training (n=400, S/N 60-150) and test (n=60, S/N 40-120) stores made by the mock survey from
     the bossbrain emulator: LAMOST-like grid, RV within +-100 km/s, smooth continuum, noise; teff,
     logg and [M/H] vary, every [X/M] is 0 (so a 3-label Cannon can describe the stars)."""
     from distlabels.mock import make_mock
 
     root = tmp_path_factory.mktemp("cannon")
     out = {}
-    for name, n, snr, seed in (("train", 400, (60, 150), 11), ("test", 100, (40, 120), 12)):
+    for name, n, snr, seed in (("train", 400, (60, 150), 11), ("test", 60, (40, 120), 12)):
         rng = np.random.default_rng(seed)
         lab = np.zeros((n, bossbrain_model.n_labels))
         lab[:, :3] = draw_labels(n, rng, ((4200, 4800), (1.5, 3.2), (-0.6, 0.3)))

@@ -255,10 +255,14 @@ class CannonFitter:
         lam_rest = self.lam_obs_t[None] / dop[:, None]
         pos = fractional_index(self.grid, lam_rest)
         idx, c, dc, inside = taps(pos, len(self.grid))
-        k = idx[..., 1]
-        dpos = -lam_rest / (C_KMS * (1 - b * b))[:, None] / (self.grid[k + 1] - self.grid[k])
-        dead = (self.dead[idx] & (c.abs() > 1e-12)).any(-1)
-        return idx, c, dc * dpos[..., None], inside & ~dead
+        k = idx[1]
+        dpos = -lam_rest / (C_KMS * (1 - b * b))[:, None] / (self.grid[(k + 1).clamp(max=len(self.grid) - 1)]
+                                                            - self.grid[k]).clamp_min(1e-12)
+        reach = inside
+        if bool(self.dead.any()):
+            for i, w in zip(idx, c):
+                reach = reach & ~(self.dead[i] & (w.abs() > 1e-12))
+        return idx, c, [d * dpos for d in dc], reach
 
     def _buffers(self, n):
         """Three reusable (n, n_pix) work arrays: fresh multi-MB tensors per operation would cost
@@ -292,9 +296,9 @@ class CannonFitter:
         Pm = len(self.grid)
         fn, w = fn.double(), w.double()
         idx, cw, _, reach = self._taps_at(rv)
-        s2 = (cw * self.s2[idx]).sum(-1).clamp_min(0)
+        s2 = interpolate(self.s2[None].expand(n, -1), idx, cw).clamp_min(0)
         we = torch.where(reach, w / (1 + w * s2), torch.zeros_like(w))
-        ft = fn - (cw * self.theta0[idx]).sum(-1)
+        ft = fn - interpolate(self.theta0[None].expand(n, -1), idx, cw)
         # Each observed pixel's coefficients are sum_a c_a theta_{j_a}; its outer product spreads
         # over theta_j theta_{j+d}^T (d = 0..3) with weights c_a c_{a+d} at model pixel j_a.
         Ap = None
@@ -302,7 +306,7 @@ class CannonFitter:
         for d in range(4):
             u = torch.zeros(n, Pm, dtype=torch.float64, device=self.device)
             for a in range(4 - d):
-                u.scatter_add_(1, idx[..., a], we * cw[..., a] * cw[..., a + d])
+                u.scatter_add_(1, idx[a], we * cw[a] * cw[a + d])
             if d == 0:
                 u0 = u
                 term = u.to(self.qf_dtype) @ self.theta2
@@ -310,8 +314,9 @@ class CannonFitter:
                 term = u[:, :Pm - d].to(self.qf_dtype) @ self._cross(d)
             Ap = term if Ap is None else Ap + term
         beta = torch.zeros(n, Pm, dtype=torch.float64, device=self.device)
+        wft = we * ft
         for a in range(4):
-            beta.scatter_add_(1, idx[..., a], we * ft * cw[..., a])
+            beta.scatter_add_(1, idx[a], wft * cw[a])
         c = (we * ft * ft).sum(1)
         kb = u0 @ self.k if self.debias else torch.zeros_like(c)
         return _unpack(Ap.double(), self.Tr), beta @ self.theta_r, c, kb, (we > 0).sum(1), we
@@ -354,9 +359,8 @@ class CannonFitter:
         idx, cw, _, _ = self._taps_at(rv)
 
         def ev(x, rows, jac):
-            ii, cc = idx[rows], cw[rows]
-            th = (cc[..., None] * self.theta_r[ii]).sum(2)                               # (m, P, T')
-            t0 = (cc * self.theta0[ii]).sum(-1)
+            th = sum(cw[a][rows][..., None] * self.theta_r[idx[a][rows]] for a in range(4))   # (m, P, T')
+            t0 = sum(cw[a][rows] * self.theta0[idx[a][rows]] for a in range(4))
             v = self._v(x)
             r = fn[rows] - t0 - (th @ v[:, :, None])[:, :, 0]
             corr, Gv = self._debias_terms(x, v, beta[rows])
@@ -444,7 +448,7 @@ class CannonFitter:
     def _model_and_dv(self, F, rv, w):
         """Model on observed pixels, its derivative by RV (km/s), and effective weights, at rv (n,)."""
         idx, cw, dcw, reach = self._taps_at(rv)
-        s2 = (cw * self.s2[idx]).sum(-1).clamp_min(0)
+        s2 = interpolate(self.s2[None].expand(len(F), -1), idx, cw).clamp_min(0)
         we = torch.where(reach, w / (1 + w * s2), torch.zeros_like(w))
         return interpolate(F, idx, cw), interpolate(F, idx, dcw), we
 
@@ -578,7 +582,7 @@ class CannonFitter:
             u = torch.zeros(len(fn), len(self.grid), dtype=torch.float64, device=self.device)
             gk = g * B[:, k]
             for a in range(4):
-                u.scatter_add_(1, tidx[..., a], gk * cw[..., a])
+                u.scatter_add_(1, tidx[a], gk * cw[a])
             out.append(u @ self.theta_r)
         return torch.stack(out, 2)
 
@@ -609,8 +613,9 @@ class CannonFitter:
             # need sum_p w_p dm_p/dv th_p, one scatter onto the model grid and one product.
             tidx, cw, _, _ = self._taps_at(rv)
             q = torch.zeros(n, len(self.grid), dtype=torch.float64, device=dev)
+            wd = we * dmdv
             for a in range(4):
-                q.scatter_add_(1, tidx[..., a], we * dmdv * cw[..., a])
+                q.scatter_add_(1, tidx[a], wd * cw[a])
             q = q @ self.theta_r
             cross = (self._dv(x).transpose(1, 2) @ q[:, :, None])[:, :, 0]            # (n, L)
             Fm = torch.zeros(n, L + 1, L + 1, dtype=torch.float64, device=dev)

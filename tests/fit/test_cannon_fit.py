@@ -67,7 +67,7 @@ def test_shifted_spectra_with_continuum_recover_truth():
     into the errors), cubic model shift: labels and RV come back with pulls ~1 on spectra observed
     at +-150 km/s with a continuum."""
     model, wave = _truth_model(normalised=False)
-    lab, rv, flux, ivar = _observe(200, 2, 150, 60, continuum=True)
+    lab, rv, flux, ivar = _observe(150, 2, 150, 60, continuum=True)
     res = make_fitter(model, wave, segments=SEGMENTS, config=FitConfig()).fit(flux, ivar)
     assert isinstance(make_fitter(model, wave), CannonFitter)
     ok = res.flags == 0
@@ -104,7 +104,7 @@ def test_cannon_fits_held_out_stars_through_distlabels_fit(cannon_model_dir, can
     assert model.kind == "cannon" and model.continuum is not None
     out = tmp_path / "catalog"
     summary = run_fit(cannon_model_dir, cannon_mock_stores["test"], out,
-                      RunConfig(workers=2, task_rows=50, progress=False))
+                      RunConfig(workers=2, task_rows=30, progress=False))
     assert summary.n_failed == 0
     df = pd.read_parquet(out / paths.DATASET_DIR)
     ids = sorted(open_store(cannon_mock_stores["test"]).source_ids())
