@@ -56,6 +56,46 @@ class MockConfig:
     continuum_degree: int = 2
     max_rows_per_partition: int = 1000
     noiseless: bool = False
+    labels_from: str = "training"      # training: the model's training labels; uniform: uniform in its label box
+
+
+@dataclass(frozen=True)
+class CannonTrainConfig:
+    """Settings of ``distlabels train cannon`` (:mod:`distlabels.train.cannon`)."""
+
+    normalise: str = "chebyshev"       # chebyshev: pseudo-continuum on continuum pixels, stored in the model; none: pre-normalised
+    continuum_degree: int = 3          # Chebyshev degree per segment
+    continuum_fraction: float = 0.07   # share of pixels chosen as continuum pixels (spread over chunks of each segment)
+    continuum_chunks: int = 8          # chunks per segment the continuum pixels are spread over
+    scatter: str = "ml"                # ml: intrinsic scatter s^2 by maximum likelihood (dof-corrected); none: s^2 = 0
+    scatter_iter: int = 8              # theta <-> s^2 alternations at most
+    l1: tuple[float, ...] = ()         # L1 strengths (chi^2 units) to choose from per pixel on a validation set; () = none
+    validation_fraction: float = 0.2   # stars held out to choose the L1 strength and to measure the error floor
+    systematics: bool = False          # measure a per-label error floor (model inadequacy) on held-out stars
+    admm_iter: int = 300               # ADMM iterations per L1 strength
+    pixel_chunk: int = 4096            # pixels per batch (bounds memory: chunk x n_star floats)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PayneTrainConfig:
+    """Settings of ``distlabels train payne`` (:mod:`distlabels.train.payne`)."""
+
+    hidden: tuple[int, ...] = (300, 300)   # hidden layer widths
+    activation: str = "leaky_relu"         # leaky_relu (The Payne, bossbrain) | sigmoid | tanh
+    negative_slope: float = 0.01
+    loss: str = "l1"                       # l1 (The Payne) | l2 (inverse-variance weighted if ivar is given)
+    optimizer: str = "radam"               # radam (The Payne) | adam
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    epochs: int = 2000                     # at most
+    patience: int = 200                    # stop after this many epochs without a better validation MAE
+    lr_patience: int = 40                  # halve the learning rate after this many epochs without improvement
+    min_learning_rate: float = 1e-5
+    validation_fraction: float = 0.1
+    checkpoint_every: int = 20             # epochs between resumable checkpoints
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +151,8 @@ def _coerce(cls, data: dict[str, Any]):
             v = _coerce(FitConfig, v)
         elif k == "fix" and isinstance(v, dict):
             v = tuple((str(a), float(b)) for a, b in v.items())
+        elif k in ("l1", "hidden") and isinstance(v, (list, tuple)):
+            v = tuple(v)
         kwargs[k] = v
     return cls(**kwargs)
 

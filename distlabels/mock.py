@@ -48,15 +48,23 @@ def random_sky(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
     return ra, dec
 
 
-def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=None):
+def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=None, labels=None):
     """(pyarrow.Table, store meta dict) of a mock survey from ``model``.
 
-    progress: optional callable(n_done) for a progress bar.
+    progress: optional callable(n_done) for a progress bar. labels: optional (n, n_labels)
+    physical labels to use instead of drawing them (e.g. a few labels varied, the rest fixed).
     """
     rng = np.random.default_rng(cfg.seed)
     n = int(cfg.n)
     tl = model.training_labels
-    if len(tl) == 0:
+    if labels is not None:
+        labels = np.asarray(labels, np.float64)
+        if labels.shape != (n, model.n_labels):
+            raise ValueError(f"labels must be (n={n}, {model.n_labels}); got {labels.shape}")
+    elif cfg.labels_from == "uniform":
+        lo, hi = model.label_bounds.T
+        labels = rng.uniform(lo, hi, size=(n, model.n_labels))
+    elif len(tl) == 0:
         lo, hi = model.label_bounds.T
         labels = rng.uniform(lo, hi, size=(n, model.n_labels))
     else:

@@ -20,6 +20,7 @@ EXTRA_COMMAND_MODULES: list[str] = [
     "distlabels.cli.production",
     "distlabels.cli.ingest",
     "distlabels.cli.catalog",
+    "distlabels.cli.train",
 ]
 
 
@@ -113,6 +114,7 @@ def cmd_mock(args) -> int:
     snr = args.snr_range or (20.0, 100.0)
     cfg = MockConfig(n=int(args.n or 2000), snr_min=snr[0], snr_max=snr[1], seed=int(args.seed or 42),
                      grid=args.grid or "lamost", noiseless=bool(args.noiseless),
+                     labels_from=getattr(args, "labels_from", None) or "training",
                      max_rows_per_partition=int(args.max_rows_per_partition or 1000))
     model = load(args.model)
     table, meta = make_mock(model, cfg)
@@ -176,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--grid", choices=["lamost", "desi", "model"],
                     help="pixels: LAMOST-like (3,909 px log-lambda, R 1800; default), DESI-like, or the model's own")
     pk.add_argument("--noiseless", action="store_true", default=None, help="no noise, RV 0, flat continuum (grids)")
+    pk.add_argument("--labels-from", choices=["training", "uniform"],
+                    help="labels: drawn from the model's training labels (default) or uniform in its label box")
     pk.add_argument("--max-rows-per-partition", type=int, help="rows per store fragment (default 1000)")
     pk.add_argument("--out", help="output store directory")
     pk.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")

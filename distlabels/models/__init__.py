@@ -1,6 +1,7 @@
 """Emulators behind one interface: ``load(path)`` returns a torch module for any registered kind."""
 from .base import Emulator, ProjectedEmulator, load, read_model_dir, register_kind, registered_kinds, sha256_file
+from .cannon import CannonModel
 from .payne import PayneMLP
 
-__all__ = ["Emulator", "PayneMLP", "ProjectedEmulator", "load", "read_model_dir", "register_kind",
+__all__ = ["CannonModel", "Emulator", "PayneMLP", "ProjectedEmulator", "load", "read_model_dir", "register_kind",
            "registered_kinds", "sha256_file"]

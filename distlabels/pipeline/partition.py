@@ -19,6 +19,7 @@ import pyarrow as pa
 from ..catalog.writer import result_table
 from ..config import FitConfig
 from ..fit.kernel import SpectrumFitter
+from ..fit.registry import make_fitter
 from ..io.store import list_to_numpy
 from ..models.base import Emulator
 
@@ -52,8 +53,8 @@ def get_fitter(model: Emulator, grid: GridSpec, config: FitConfig, device: str =
     key = (id(model), grid.key, config, str(device))
     fitter = _FITTERS.get(key)
     if fitter is None:
-        fitter = SpectrumFitter(model, np.asarray(grid.wavelength_aa), wavelength_medium=grid.wavelength_medium,
-                                resolution=grid.resolution, segments=grid.segments, config=config, device=device)
+        fitter = make_fitter(model, np.asarray(grid.wavelength_aa), wavelength_medium=grid.wavelength_medium,
+                             resolution=grid.resolution, segments=grid.segments, config=config, device=device)
         _FITTERS[key] = fitter
         while len(_FITTERS) > 4:
             _FITTERS.popitem(last=False)
