@@ -41,8 +41,7 @@ class FitConfig:
     library_size: int = 1024           # emulator spectra in the chi^2 library start
     n_templates: int = 4               # templates in the RV cross-correlation
     n_starts: int = 1                  # starts for every star (best library candidates); the lowest chi^2 wins
-    max_starts: int = 3                # ... and up to this many for stars whose fit is poor or not converged
-    restart_sigma: float = 5.0         # "poor": reduced chi^2 above 1 + restart_sigma * sqrt(2 / dof)
+    max_starts: int = 2                # ... and up to this many for stars that would be flagged CHI2_HIGH or NOT_CONVERGED
     start_labels: tuple[str, ...] | None = None  # labels the start library varies (None: the n_start_labels that move the spectrum most)
     n_start_labels: int = 4
     batch_size: int = 64               # stars per batch in the kernel
@@ -50,7 +49,8 @@ class FitConfig:
     # --- flags --------------------------------------------------------------------------------
     min_good_pixels: int = 50          # fewer usable pixels: not fitted, flagged
     low_snr: float = 5.0               # S/N per pixel below this: flagged LOW_SNR
-    chi2_red_high: float = 5.0         # reduced chi^2 above this: flagged CHI2_HIGH
+    chi2_red_high: float = 1.2         # CHI2_HIGH: reduced chi^2 above this ...
+    chi2_sigma_high: float = 5.0       # ... and above 1 + this * sqrt(2 / dof) (not a noise fluctuation)
     far_from_training: float = 2.0     # FAR_FROM_TRAINING beyond this x the training set's own 99th-pct NN distance
     rv_err_max_kms: float = 50.0       # RV_FAILED above this RV error
     rv_min_ccf_delta_chi2: float = 25.0  # RV_FAILED when the cross-correlation peak improves chi^2 by less

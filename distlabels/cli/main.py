@@ -128,8 +128,31 @@ def _fit_config(args):
         opts["batch_size"] = int(args.batch_size)
     if args.continuum_degree is not None:
         opts["continuum_degree"] = int(args.continuum_degree)
+    fix = dict(opts.get("fix") or {})
     if args.fix:
-        opts["fix"] = dict(args.fix)
+        fix.update(dict(args.fix))
+    if args.labels:
+        opts["labels"] = _csv(args.labels)
+    ties = list(opts.get("ties") or ())
+    for text in args.tie or ():
+        names, eq, value = text.partition("=")
+        group = _csv(names)
+        if eq:
+            try:
+                fix.update({n: float(value) for n in group})
+            except ValueError:
+                raise DistlabelsError(f"--tie expects LABEL,LABEL[,...][=VALUE], got {text!r}.") from None
+        else:
+            ties.append(group)
+    if fix:
+        opts["fix"] = fix
+    if ties:
+        opts["ties"] = ties
+    if args.masks:
+        opts["masks"] = args.masks if args.masks in ("default", "none") or "," not in args.masks else _csv(args.masks)
+    for flag in ("fit_vsini", "fit_lsf", "covariance"):
+        if getattr(args, flag, None):
+            opts[flag] = True
     return from_dict(FitConfig, opts)
 
 
@@ -139,9 +162,23 @@ def cmd_fit(args) -> int:
 
     if not (args.model and args.spectra and args.out):
         raise DistlabelsError("fit needs --model MODEL_DIR, --spectra STORE and --out CATALOG.")
+    fit_cfg = _fit_config(args)
+    meta_path = Path(args.model) / "model.json"
+    if meta_path.is_file() and (fit_cfg.labels or fit_cfg.fix or fit_cfg.ties or fit_cfg.start_labels):
+        import json
+
+        from ..fit.labels import check_label_options
+
+        try:
+            names = json.loads(meta_path.read_text()).get("label_names") or []
+        except (ValueError, OSError):
+            names = []
+        if names:   # (a malformed model.json is reported by the run itself)
+            check_label_options(names, labels=fit_cfg.labels, fix=fit_cfg.fix, ties=fit_cfg.ties,
+                                start_labels=fit_cfg.start_labels)
     cfg = RunConfig(cluster=args.cluster or "local", workers=args.workers, device=args.device or "auto",
                     task_rows=int(args.task_rows or 500), overwrite=bool(args.overwrite),
-                    progress=not args.no_progress, fit=_fit_config(args),
+                    progress=not args.no_progress, fit=fit_cfg,
                     threads_per_worker=int(args.threads_per_worker or 1))
     s = run_fit(args.model, args.spectra, args.out, cfg)
     print(f"{s.catalog}: {s.n_rows_fitted} spectra fitted in {s.wall_s:.1f} s ({s.throughput:.1f}/s); "
@@ -250,7 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--batch-size", type=int, help="stars per kernel batch (default 256)")
     pf.add_argument("--task-rows", type=int, help="spectra per Dask task (default 500: seconds per task)")
     pf.add_argument("--continuum-degree", type=int, help="Chebyshev degree per segment; -1 for pre-normalised spectra")
+    pf.add_argument("--labels", metavar="A,B,...", help="fit only these labels; the others are held at --fix values "
+                    "or the training median (default: all)")
     pf.add_argument("--fix", type=_fix, action="append", metavar="LABEL=VALUE", help="hold a label fixed (repeatable)")
+    pf.add_argument("--tie", action="append", metavar="A,B,...[=VALUE]",
+                    help="fit these labels as one value (e.g. --tie mgm,sim,cam), or hold them all at VALUE "
+                         "(e.g. --tie bam,cem,ndm,zrm=0); repeatable")
+    pf.add_argument("--masks", metavar="SET", help="pixel masks: default (tellurics, sky lines, ISM Na D, DIBs), none, a "
+                    "survey name, or comma-separated window names (distlabels/fit/masks.py)")
+    pf.add_argument("--fit-vsini", action="store_true", default=None, help="fit rotational broadening vsini")
+    pf.add_argument("--fit-lsf", action="store_true", default=None,
+                    help="fit an extra Gaussian instrumental width (resolution mismatch)")
+    pf.add_argument("--covariance", action="store_true", default=None,
+                    help="store each star's covariance of labels and RV in the catalog")
     pf.add_argument("--overwrite", action="store_true", default=None, help="delete an existing catalog first")
     pf.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -14,11 +14,14 @@ bit    name                  meaning
                              minimum lies outside the box, the value is a limit, its error is not meaningful.
 4      RV_AT_BOUND           |RV| ended at the search limit ``v_max_kms``: RV (and labels) unreliable.
 8      LOW_SNR               median S/N per pixel below ``low_snr``.
-16     CHI2_HIGH             reduced chi^2 above ``chi2_red_high``: the model does not describe the data (wrong
-                             kind of star for the emulator, bad data, resolution mismatch).
+16     CHI2_HIGH             reduced chi^2 above ``chi2_red_high`` (default 1.2) and further above 1 than
+                             ``chi2_sigma_high`` x sqrt(2/dof) allows for noise: the model does not describe the
+                             data (wrong kind of star for the emulator, bad data, unmodelled broadening or
+                             resolution mismatch; add the emulator's error as ``model_variance`` if it is known).
 32     FAR_FROM_TRAINING     the fitted labels are farther from every training label (nearest neighbour, scaled
-                             label space, fitted labels only) than ``far_from_training`` x the training set's own
-                             99th-percentile nearest-neighbour distance: the emulator extrapolates.
+                             units, over the few labels that shape the spectrum most: the start labels) than
+                             ``far_from_training`` x the training set's own 99th-percentile nearest-neighbour
+                             distance: the emulator extrapolates.
 64     RV_FAILED             no trustworthy RV: the cross-correlation peak improves chi^2 by less than
                              ``rv_min_ccf_delta_chi2``, or the fitted RV error exceeds ``rv_err_max_kms``.
 128    BROADENING_AT_BOUND   a fitted broadening (vsini, extra LSF width) ended at its upper bound.

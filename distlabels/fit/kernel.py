@@ -219,14 +219,17 @@ class SpectrumFitter:
 
         self.matmul_backend = self._choose_matmul(cfg.cpu_matmul)
 
-        # Nearest-neighbour distances of the training set to itself, over fitted labels (FAR_FROM_TRAINING).
+        # FAR_FROM_TRAINING: nearest-neighbour distance to the training set in the space of the labels
+        # that shape the spectrum most (the start labels, scaled units). Over all 22 labels a uniform
+        # training set leaves every point far from its neighbours, and a star outside the set in
+        # Teff alone would not stand out.
         self._train_x = None
+        self._far_labels = np.unique(np.concatenate([lm.groups[k] for k in self.main]))
         if len(tl):
-            fitted = lm.fitted
             sub = tl[rng.choice(len(tl), size=min(len(tl), 20000), replace=False)]
-            tx = model.scale(torch.as_tensor(sub, dtype=torch.float64))[:, torch.as_tensor(fitted)]
+            tx = model.scale(torch.as_tensor(sub, dtype=torch.float64))[:, torch.as_tensor(self._far_labels)]
             self._train_x = tx.to(dev)
-            probe = tx[: min(len(tx), 1000)]
+            probe = tx[: min(len(tx), 500)]
             dd = torch.cdist(probe, tx)
             dd[torch.arange(len(probe)), torch.arange(len(probe))] = np.inf
             self.nn_ref = float(torch.quantile(dd.min(1).values, 0.99))
@@ -265,7 +268,7 @@ class SpectrumFitter:
         if choice not in ("auto", "torch", "numpy"):
             raise DistlabelsError(f"cpu_matmul must be auto, torch or numpy, not {choice!r}.")
         if choice == "auto":
-            th = torch.as_tensor(self.theta_med[None], dtype=self.dtype).repeat(max(int(self.config.batch_size), 1), 1)
+            th = torch.as_tensor(self.theta_med[None], dtype=self.dtype).repeat(min(max(int(self.config.batch_size), 1), 16), 1)
             best = None
             with torch.no_grad():
                 for name in ("torch", "numpy"):
@@ -461,11 +464,12 @@ class SpectrumFitter:
         n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
         best = self._run_start(d, w, cand[:, 0], v0)
         n_iter += best.n_iter
-        # More starts (the next library candidates): always for the first ``n_starts``, and for any
-        # star whose fit is far worse than noise allows (a local minimum or a bad start) up to
-        # ``max_starts``; the lowest chi^2 wins.
+        # More starts (the next library candidates): always for the first ``n_starts``, and up to
+        # ``max_starts`` for any star that would be flagged CHI2_HIGH or NOT_CONVERGED (a local minimum
+        # or a bad start); the lowest chi^2 wins.
         for j in range(1, cand.shape[1]):
-            poor = (best.chi2 / dof) > 1 + cfg.restart_sigma * torch.sqrt(2 / dof)
+            chi2_red = best.chi2 / dof
+            poor = (chi2_red > cfg.chi2_red_high) & (chi2_red > 1 + cfg.chi2_sigma_high * torch.sqrt(2 / dof))
             sel = torch.arange(n, device=dev) if j < cfg.n_starts else torch.nonzero(poor | ~best.converged).flatten()
             if len(sel) == 0:
                 break
@@ -512,7 +516,8 @@ class SpectrumFitter:
         flags[(p[:, fwd.i_v].abs() >= cfg.v_max_kms - 1e-3).cpu().numpy()] |= Flag.RV_AT_BOUND
         flags[(~st.converged).cpu().numpy()] |= Flag.NOT_CONVERGED
         chi2_red = (st.chi2 / dof).cpu().numpy()
-        flags[chi2_red > cfg.chi2_red_high] |= Flag.CHI2_HIGH
+        significant = chi2_red > 1 + cfg.chi2_sigma_high * np.sqrt(2 / dof.cpu().numpy())
+        flags[(chi2_red > cfg.chi2_red_high) & significant] |= Flag.CHI2_HIGH
         rv_err = var[:, -1].sqrt()
         rv_bad = ~torch.isfinite(rv_err) | (rv_err > cfg.rv_err_max_kms) | (ccf_gain < cfg.rv_min_ccf_delta_chi2)
         flags[rv_bad.cpu().numpy()] |= Flag.RV_FAILED
@@ -520,7 +525,7 @@ class SpectrumFitter:
             if i_b is not None:
                 flags[(p[:, i_b] >= self.hi[i_b] * (1 - 1e-6)).cpu().numpy()] |= Flag.BROADENING_AT_BOUND
         if self._train_x is not None and self._train_x.shape[1] > 0:
-            xf = x[:, torch.as_tensor(lm.fitted, device=dev)]
+            xf = x[:, torch.as_tensor(self._far_labels, device=dev)]
             nn = torch.cdist(xf, self._train_x).min(1).values
             flags[(nn > cfg.far_from_training * self.nn_ref).cpu().numpy()] |= Flag.FAR_FROM_TRAINING
 

@@ -130,3 +130,15 @@ def build_label_map(label_names, label_span, x_min, *, labels=None, fix=(), ties
         if not hi[k] > lo[k]:
             raise DistlabelsError(f"tied labels {', '.join(names[i] for i in g)} have training ranges that do not overlap.")
     return LabelMap(names, tuple(groups), matrix, offset, lo, hi, ref)
+
+
+def check_label_options(label_names, *, labels=None, fix=(), ties=(), start_labels=None) -> None:
+    """Raise DistlabelsError (one sentence) if the fit options name labels the model does not have."""
+    names = set(label_names)
+    known = ", ".join(label_names)
+    checks = [("labels", labels or ()), ("fix", [n for n, _ in (fix.items() if isinstance(fix, dict) else fix)]),
+              ("tie", [n for grp in ties for n in grp]), ("start_labels", start_labels or ())]
+    for what, items in checks:
+        for n in items:
+            if n not in names:
+                raise DistlabelsError(f"{what} names unknown label {n!r} (labels: {known}).")

@@ -31,21 +31,22 @@ class StartSearch:
         self.grid, self.device, self.dtype = grid, device, dtype
         self.ok = torch.as_tensor(grid.covered, device=device)
         with torch.no_grad():
-            lib = net(lib_theta.to(dtype))
+            lib = net(lib_theta.to(dtype))                                                # (K, W)
+            okf = self.ok.to(lib.dtype)
+            lib = lib * okf + (1 - okf)                                                   # 1 outside coverage
+            if continuum_basis is not None:
+                # The data are divided by a polynomial fitted to them (lines included), so the library
+                # is divided by the same kind of polynomial: otherwise the line blanketing that the
+                # data's pseudo-continuum removes would count against every line-rich spectrum, and
+                # the weakest-lined (most metal-poor) spectrum would win.
+                b = torch.as_tensor(continuum_basis, dtype=torch.float64, device=device) * self.ok[:, None]
+                lhs = b.T @ b + 1e-9 * torch.eye(b.shape[1], dtype=b.dtype, device=device)
+                coef = torch.linalg.solve(lhs, (lib @ b.to(lib.dtype)).double().T)        # (n_cont, K)
+                cont = (coef.T.to(lib.dtype) @ b.T.to(lib.dtype))                         # (K, W)
+                good = (cont > 1e-6) & self.ok[None]
+                lib = torch.where(good, lib / cont.clamp_min(1e-6), torch.ones((), dtype=lib.dtype, device=device))
         self.lib_theta = lib_theta
-        lib = torch.where(self.ok[None], lib, torch.ones((), dtype=lib.dtype, device=device))   # (K, W)
-        if continuum_basis is not None:
-            # The data are divided by a polynomial fitted to them (lines included), so the library is
-            # divided by the same kind of polynomial: otherwise the line blanketing that the data's
-            # pseudo-continuum removes would count against every line-rich spectrum, and the
-            # weakest-lined (most metal-poor) spectrum would win.
-            b = torch.as_tensor(continuum_basis, dtype=torch.float64, device=device) * self.ok[:, None]
-            lhs = b.T @ b + 1e-9 * torch.eye(b.shape[1], dtype=b.dtype, device=device)
-            coef = torch.linalg.solve(lhs, b.T @ lib.double().T)                          # (n_cont, K)
-            cont = (b @ coef).T.to(lib.dtype)
-            lib = torch.where(self.ok[None] & (cont > 0), lib / cont.clamp_min(1e-6), torch.ones_like(lib))
-        self.lib = lib
-        self.lib_depth = (self.lib - 1) * self.ok                        # line depths, 0 outside coverage
+        self.lib_depth = (lib - 1) * okf                  # line depths, 0 outside coverage
         self.lib_depth2 = self.lib_depth * self.lib_depth
         self.u0 = torch.as_tensor((np.asarray(log10_obs) - grid.log10_start) / grid.step_dex, dtype=torch.float64,
                                   device=device)
