@@ -44,6 +44,8 @@ class FitConfig:
     max_starts: int = 2                # ... and up to this many for stars that would be flagged CHI2_HIGH or NOT_CONVERGED
     start_labels: tuple[str, ...] | None = None  # labels the start library varies (None: the n_start_labels that move the spectrum most)
     n_start_labels: int = 4
+    start_max_iter: int = 10           # stage 1 of a start (start labels only): iterations at most ...
+    start_chi2_tol: float = 10.0       # ... and its (loose) convergence tolerance
     batch_size: int = 64               # stars per batch in the kernel
     cpu_matmul: str = "auto"           # CPU backend of the network's big products: auto (timed once) | torch | numpy
     # --- flags --------------------------------------------------------------------------------

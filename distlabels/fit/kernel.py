@@ -192,6 +192,17 @@ class SpectrumFitter:
         # the training median (a library spread over all labels is too sparse to start from).
         self.theta_med = np.clip(lm.from_x(_training_median_x(model)), lm.lo, lm.hi)
         self.main = self._main_labels(cfg.start_labels)
+        # Stage 1 of every start fits only these (with RV, broadening, continuum), the others held at the
+        # median, through a network with only their inputs (a cheap Jacobian); stage 2 frees the rest.
+        # Going straight to all labels lets the weak ones (O, N through molecules) soak up the early
+        # misfit of Teff/log g and settle in a wrong minimum that also biases log g.
+        others = np.setdiff1d(np.arange(K), self.main)
+        off_main = lm.offset + lm.matrix[:, others] @ self.theta_med[others]
+        work_main = base.with_inputs(lm.matrix[:, self.main], off_main).to(dev).eval()
+        self.fwd_main = ForwardModel(work_main, g, np.nan_to_num(log10_obs, nan=float(np.nanmin(log10_obs))), basis,
+                                     n_theta=len(self.main), fit_continuum=self.fit_continuum, broadener=broadener,
+                                     device=dev, dtype=dt)
+        self.sel_main = torch.as_tensor(np.concatenate([self.main, np.arange(K, P)]), device=dev)
 
         # Library of emulator spectra: main labels from the training set, the others at the median.
         rng = np.random.default_rng(cfg.seed)
@@ -261,7 +272,7 @@ class SpectrumFitter:
     def _choose_matmul(self, choice: str) -> str:
         """CPU backend of the big products ("torch" or "numpy"): as configured, or the faster of the two
         on this machine, timed once on a batch-sized Jacobian ("auto")."""
-        nets = [net for net in (self.work,)
+        nets = [net for net in (self.work, self.fwd_main.work)
                 if net is not None and hasattr(net, "matmul_backend")]
         if self.device.type != "cpu" or not nets:
             return "torch"
@@ -489,8 +500,16 @@ class SpectrumFitter:
             p0[:, fwd.i_q] = self._vsini_start(d, w, p0)
             if self.fit_continuum:
                 p0[:, fwd.i_c:] = self._poly_continuum(d, w, fwd.shape(p0))
-        return levenberg_marquardt(fwd, d, w, p0, free=self.free, lo=self.lo, hi=self.hi, max_iter=cfg.max_iter,
-                                   tol=cfg.chi2_tol, lambda_init=cfg.lambda_init)
+        sm = self.sel_main
+        if cfg.start_max_iter > 0 and len(self.main) < self.lmap.n_theta:
+            st1 = levenberg_marquardt(self.fwd_main, d, w, p0[:, sm], free=self.free[sm], lo=self.lo[sm], hi=self.hi[sm],
+                                      max_iter=cfg.start_max_iter, tol=cfg.start_chi2_tol, lambda_init=cfg.lambda_init)
+            p0[:, sm] = st1.p
+        st = levenberg_marquardt(fwd, d, w, p0, free=self.free, lo=self.lo, hi=self.hi, max_iter=cfg.max_iter,
+                                 tol=cfg.chi2_tol, lambda_init=cfg.lambda_init)
+        if cfg.start_max_iter > 0 and len(self.main) < self.lmap.n_theta:
+            st.n_iter += st1.n_iter
+        return st
 
     # ------------------------------------------------------------------ results
     def _finish(self, idx, st, n_iter, w, dof, ccf_gain, res: FitResult):
