@@ -206,13 +206,14 @@ class ForwardModel:
             ok &= (val >= self.native[0]) & (val <= self.native[-1])
         return ok
 
-    def _interp(self, rows: torch.Tensor, i: torch.Tensor, w) -> torch.Tensor:
-        """rows (n, R, n_work) at the taps: (n, R, n_pix)."""
+    def _interp(self, rows: torch.Tensor, i: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+        """rows (n, R, n_work) at the taps: (n, R, n_pix), written into ``out`` when given."""
         n, r, _ = rows.shape
         if i.dim() == 1:
             # Aligned grid: per star, each tap is a strided slice with one weight.
             m, n_pix = self.aligned[1], len(self.u0)
-            out = torch.empty(n, r, n_pix, dtype=rows.dtype, device=rows.device)
+            if out is None:
+                out = torch.empty(n, r, n_pix, dtype=rows.dtype, device=rows.device)
             span = m * (n_pix - 1) + 1
             base = i.tolist()
             wl = [wt.tolist() for wt in w]
@@ -224,19 +225,23 @@ class ForwardModel:
                     o.add_(rows[s_, :, b0 + t:b0 + t + span:m], alpha=wl[t][s_])
             return out
         if self.native_offset is not None and self.device.type == "cpu":
-            return self._interp_runs(rows, i, w)
-        out = None
+            return self._interp_runs(rows, i, w, out)
+        acc = None
         for t, wt in enumerate(w):
             g = rows.gather(2, (i + t)[:, None, :].expand(n, r, -1))
-            out = g * wt[:, None, :] if out is None else out.addcmul_(g, wt[:, None, :])
-        return out
+            acc = g * wt[:, None, :] if acc is None else acc.addcmul_(g, wt[:, None, :])
+        if out is not None:
+            out.copy_(acc)
+            return out
+        return acc
 
-    def _interp_runs(self, rows, i, w):
+    def _interp_runs(self, rows, i, w, out=None):
         """Interpolation when observed pixel p sits on native pixel p + offset: per star, runs of pixels
         whose taps are at a constant offset are contiguous slices (no gather)."""
         n, r, _ = rows.shape
         n_pix = i.shape[1]
-        out = torch.empty(n, r, n_pix, dtype=rows.dtype, device=rows.device)
+        if out is None:
+            out = torch.empty(n, r, n_pix, dtype=rows.dtype, device=rows.device)
         k = i - torch.arange(n_pix, device=i.device)[None]                     # (n, n_pix) offsets
         change = (k[:, 1:] != k[:, :-1]).cpu().numpy()
         k0 = k[:, 0].tolist()
@@ -294,6 +299,26 @@ class ForwardModel:
         if self.n_extra:
             light += list(extra.unbind(1))
         return Evaluation(cont * y, y, cont, torch.stack(light, 1), obs[:, 1:1 + k] if labels else None)
+
+    def weighted_jacobian(self, p: torch.Tensor, sw: torch.Tensor):
+        """Model (n, n_pix) and sqrt(W) J (n, n_par, n_pix) at p, assembled in place (no concatenation).
+
+        sw: (n, n_pix) square roots of the weights, in the model's dtype.
+        """
+        rows = self.working_rows(p, jac=True, derivs=True)                  # (n, 1 + k + extra, W)
+        i, w, dw = self.taps_at(p[:, self.i_v])
+        n, k, ic = len(p), self.n_theta, self.i_c
+        n_pix = self.basis.shape[0]
+        js = torch.empty(n, self.n_par, n_pix, dtype=rows.dtype, device=rows.device)
+        y = self._interp(rows[:, :1], i, w)[:, 0]
+        self._interp(rows[:, 1:1 + k], i, w, out=js[:, :k])
+        self._interp(rows[:, :1], i, dw, out=js[:, k:k + 1])
+        if self.n_extra:
+            self._interp(rows[:, 1 + k:], i, w, out=js[:, k + 1:ic])
+        cont = self.continuum(p)
+        js[:, :ic] *= (cont * sw)[:, None, :]
+        torch.mul((y * sw)[:, None, :], self.basis_t[None], out=js[:, ic:])
+        return cont * y, js
 
     def jacobian(self, ev: "Evaluation", jtheta: torch.Tensor) -> torch.Tensor:
         """Full Jacobian (n, n_par, n_pix) from an evaluation and label derivatives (n, n_theta, n_pix)."""

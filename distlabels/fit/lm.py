@@ -80,15 +80,14 @@ def newton_decrement(A, g, hold):
     return (step * g * (~hold).double()).sum(1)
 
 
-def weighted_normal_equations(fwd, ev, sw, d):
-    """J^T W J, J^T W r, chi^2 (float64) from an evaluation with label derivatives.
+def weighted_normal_equations(fwd, p, sw, d):
+    """J^T W J, J^T W r, chi^2 (float64) at parameters p.
 
     sw: (n, n_pix) square roots of the weights. The weighted Jacobian sqrt(W) J is assembled in
-    one pass (n, P, n_pix) and multiplied by its own transpose.
+    place (n, P, n_pix) and multiplied by its own transpose.
     """
-    cw = (ev.cont * sw)[:, None, :]
-    js = torch.cat([ev.jtheta * cw, ev.light * cw, (ev.y * sw)[:, None, :] * fwd.basis_t[None]], 1)
-    rs = (d - ev.model) * sw
+    model, js = fwd.weighted_jacobian(p, sw)
+    rs = (d - model) * sw
     A = (js @ js.transpose(1, 2)).double()
     A = 0.5 * (A + A.transpose(1, 2))
     g = (js @ rs[:, :, None])[:, :, 0].double()
@@ -102,8 +101,7 @@ class _Batch:
         self.fwd, self.d, self.w = fwd, d, w
         self.p = p
         self.sw = w.clamp_min(0).sqrt()
-        ev = fwd.evaluate_parts(p, labels=True)
-        self.A, self.g, self.chi2 = weighted_normal_equations(fwd, ev, self.sw, d)
+        self.A, self.g, self.chi2 = weighted_normal_equations(fwd, p, self.sw, d)
         self.n_jac = torch.ones(len(p), dtype=torch.int64, device=p.device)
 
     def move(self, idx, p_new):
@@ -111,8 +109,7 @@ class _Batch:
         if len(idx) == 0:
             return
         self.p[idx] = p_new
-        ev = self.fwd.evaluate_parts(p_new, labels=True)
-        self.A[idx], self.g[idx], self.chi2[idx] = weighted_normal_equations(self.fwd, ev, self.sw[idx], self.d[idx])
+        self.A[idx], self.g[idx], self.chi2[idx] = weighted_normal_equations(self.fwd, p_new, self.sw[idx], self.d[idx])
         self.n_jac[idx] += 1
 
     def chi2_at(self, idx, p):
