@@ -37,17 +37,20 @@ def crb(model: Emulator, labels, snr, wavelength_aa, *, wavelength_medium: str =
     lab = np.atleast_2d(np.asarray(labels, np.float64))
     n = len(lab)
     snr = np.broadcast_to(np.asarray(snr, np.float64), (n,))
+    rv = np.broadcast_to(np.asarray(rv_kms, np.float64), (n,))
+    vs = None if vsini_kms is None else np.broadcast_to(np.asarray(vsini_kms, np.float64), (n,))
+    bad = None if mask is None else np.broadcast_to(np.asarray(mask, bool), (n, fitter.n_pix))
+    sd = np.empty((n, fitter.n_labels + 1))
+    step = max(int(fitter.config.batch_size), 1)
     with torch.no_grad():
-        p = fitter.params_from(lab, np.broadcast_to(np.asarray(rv_kms, np.float64), (n,)), vsini_kms=vsini_kms)
-        ivar = torch.as_tensor(np.repeat(snr[:, None] ** 2, fitter.n_pix, 1), dtype=fitter.dtype,
-                               device=fitter.device)          # continuum 1: sigma = 1 / snr
-        usable = None
-        if mask is not None:
-            usable = ~torch.as_tensor(np.broadcast_to(np.asarray(mask, bool), (n, fitter.n_pix)).copy(),
-                                      device=fitter.device)
-        A = fitter.fisher(p, ivar, usable)
-        _, cov_lv = fitter.covariance(A)
-    sd = cov_lv.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().cpu().numpy()
+        for lo in range(0, n, step):
+            sl = slice(lo, min(lo + step, n))
+            p = fitter.params_from(lab[sl], rv[sl], vsini_kms=None if vs is None else vs[sl])
+            ivar = torch.as_tensor(np.repeat(snr[sl, None] ** 2, fitter.n_pix, 1), dtype=fitter.dtype,
+                                   device=fitter.device)          # continuum 1: sigma = 1 / snr
+            usable = None if bad is None else ~torch.as_tensor(bad[sl].copy(), device=fitter.device)
+            _, cov_lv = fitter.covariance(fitter.fisher(p, ivar, usable))
+            sd[sl] = cov_lv.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().cpu().numpy()
     if return_rv:
         return sd[:, :-1], sd[:, -1]
     return sd[:, :-1]
