@@ -87,15 +87,22 @@ class MockConfig:
 class RunConfig:
     """Settings of a distributed fit run (:mod:`distlabels.pipeline`)."""
 
-    cluster: str = "local"             # local | local-cuda | tcp://scheduler:8786
-    workers: int | None = None         # LocalCluster workers (default: one per core)
+    cluster: str = "local"             # local | local-cuda | k8s | env | tcp://scheduler:8786
+    workers: int | None = None         # LocalCluster workers (default: one per core; local-cuda: one per GPU)
     threads_per_worker: int = 1
     device: str = "auto"               # auto | cpu | cuda
     task_rows: int = 500               # spectra per task (aim: seconds of compute per task)
-    retries: int = 2
+    retries: int = 2                   # Dask retries of a failed task before it goes to _failures.parquet
     overwrite: bool = False
     progress: bool = True
     fit: FitConfig = field(default_factory=FitConfig)
+    # Production runs (pipeline/cluster.py, pipeline/worker.py)
+    cuda_visible_devices: str | None = None   # local-cuda: which GPUs, e.g. "0,1" (default: all)
+    gpu_memory_fraction: float = 0.5   # share of a GPU's free memory one kernel batch may use
+    k8s_spec: str | None = None        # k8s: DaskCluster manifest (default configs/k8s-cluster.yaml)
+    k8s_namespace: str | None = None   # k8s: namespace (default: the manifest's, else the context's)
+    wait_for_workers_s: float = 600.0  # remote clusters: how long to wait for the first worker
+    connect_timeout_s: float = 30.0    # scheduler addresses: how long to try to connect
 
 
 def _coerce(cls, data: dict[str, Any]):

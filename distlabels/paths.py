@@ -8,6 +8,8 @@ Stores and catalogs share one HATS-style layout::
       _run.json                          catalog only: model sha256, config hash, store manifest
       _quarantine/                       inputs that could not be used (one fragment per task)
       _failures.parquet                  partitions that kept failing
+      _run.log.jsonl                     catalog only: structured log, one JSON record per partition
+      _done/                             catalog on object storage only: one completion marker per fragment
       dataset/Norder=K/Dir=D/Npix=N/     one directory per sky pixel (nested HEALPix, order K)
           part-XXXX.parquet              fragments; written as .part-XXXX.parquet.tmp then renamed
 
@@ -25,6 +27,8 @@ CATALOG_META = "catalog.json"
 RUN_FILE = "_run.json"
 QUARANTINE_DIR = "_quarantine"
 FAILURES_FILE = "_failures.parquet"
+RUN_LOG = "_run.log.jsonl"
+DONE_DIR = "_done"
 MODEL_META = "model.json"
 MODEL_WEIGHTS = "weights.safetensors"
 HEALPIX_COLUMN = "_healpix_29"
@@ -42,9 +46,18 @@ def fragment_path(root: str | os.PathLike, norder: int, npix: int, name: str) ->
     return pixel_dir(root, norder, npix) / f"{name}.parquet"
 
 
-def temp_path(final: Path) -> Path:
-    """Temporary sibling of ``final``: hidden, so readers skip it until the atomic rename."""
-    return final.with_name(f".{final.name}.tmp")
+def temp_path(final: Path, token: str | None = None) -> Path:
+    """Temporary sibling of ``final``: hidden, so readers skip it until the atomic rename.
+
+    token: a per-writer tag (pid, random) so that two writers of the same fragment (a retried task
+    and a worker presumed dead) never write into one temporary file.
+    """
+    return final.with_name(f".{final.name}.{token}.tmp" if token else f".{final.name}.tmp")
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """True for an fsspec URL (``s3://``, ``gs://``, ``file://``, ``memory://``), False for a plain path."""
+    return isinstance(location, str) and "://" in location
 
 
 def parse_pixel_dir(path: str | os.PathLike) -> tuple[int, int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .. import __version__
 from ..errors import DistlabelsError
@@ -17,7 +16,7 @@ from ..errors import DistlabelsError
 EPILOG = "Docs: README.md and DESIGN.md. Every subcommand has --help."
 
 # Modules (under distlabels.cli) that add subcommands; see build_parser.
-EXTRA_COMMAND_MODULES: list[str] = []
+EXTRA_COMMAND_MODULES: list[str] = ["distlabels.cli.production"]
 
 
 def _csv(text: str) -> list[str]:
@@ -120,76 +119,6 @@ def cmd_mock(args) -> int:
     return 0
 
 
-def _fit_config(args):
-    from ..config import FitConfig, from_dict
-
-    opts = dict(getattr(args, "fit_options", None) or {})
-    if args.batch_size:
-        opts["batch_size"] = int(args.batch_size)
-    if args.continuum_degree is not None:
-        opts["continuum_degree"] = int(args.continuum_degree)
-    fix = dict(opts.get("fix") or {})
-    if args.fix:
-        fix.update(dict(args.fix))
-    if args.labels:
-        opts["labels"] = _csv(args.labels)
-    ties = list(opts.get("ties") or ())
-    for text in args.tie or ():
-        names, eq, value = text.partition("=")
-        group = _csv(names)
-        if eq:
-            try:
-                fix.update({n: float(value) for n in group})
-            except ValueError:
-                raise DistlabelsError(f"--tie expects LABEL,LABEL[,...][=VALUE], got {text!r}.") from None
-        else:
-            ties.append(group)
-    if fix:
-        opts["fix"] = fix
-    if ties:
-        opts["ties"] = ties
-    if args.masks:
-        opts["masks"] = args.masks if args.masks in ("default", "none") or "," not in args.masks else _csv(args.masks)
-    for flag in ("fit_vsini", "fit_lsf", "covariance"):
-        if getattr(args, flag, None):
-            opts[flag] = True
-    return from_dict(FitConfig, opts)
-
-
-def cmd_fit(args) -> int:
-    from ..config import RunConfig
-    from ..pipeline import run_fit
-
-    if not (args.model and args.spectra and args.out):
-        raise DistlabelsError("fit needs --model MODEL_DIR, --spectra STORE and --out CATALOG.")
-    fit_cfg = _fit_config(args)
-    meta_path = Path(args.model) / "model.json"
-    if meta_path.is_file() and (fit_cfg.labels or fit_cfg.fix or fit_cfg.ties or fit_cfg.start_labels):
-        import json
-
-        from ..fit.labels import check_label_options
-
-        try:
-            names = json.loads(meta_path.read_text()).get("label_names") or []
-        except (ValueError, OSError):
-            names = []
-        if names:   # (a malformed model.json is reported by the run itself)
-            check_label_options(names, labels=fit_cfg.labels, fix=fit_cfg.fix, ties=fit_cfg.ties,
-                                start_labels=fit_cfg.start_labels)
-    cfg = RunConfig(cluster=args.cluster or "local", workers=args.workers, device=args.device or "auto",
-                    task_rows=int(args.task_rows or 500), overwrite=bool(args.overwrite),
-                    progress=not args.no_progress, fit=fit_cfg,
-                    threads_per_worker=int(args.threads_per_worker or 1))
-    s = run_fit(args.model, args.spectra, args.out, cfg)
-    print(f"{s.catalog}: {s.n_rows_fitted} spectra fitted in {s.wall_s:.1f} s ({s.throughput:.1f}/s); "
-          f"{s.n_done} partitions written, {s.n_skipped} already there, {s.n_failed} failed")
-    if s.n_failed:
-        print(f"distlabels: error: {s.n_failed} partition(s) failed; see {Path(s.catalog) / '_failures.parquet'} "
-              "and re-run the same command to retry them.", file=sys.stderr)
-        return 1
-    return 0
-
-
 def cmd_query(args) -> int:
     from ..catalog.query import format_table, open_catalog
 
@@ -276,32 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--out", help="output store directory")
     pk.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
 
-    pf = add("fit", "fit every spectrum of a store into a label catalog on a Dask cluster", cmd_fit)
-    pf.add_argument("--model", help="model directory")
-    pf.add_argument("--spectra", help="spectra store directory")
-    pf.add_argument("--out", help="catalog directory (re-running resumes; other inputs are refused)")
-    pf.add_argument("--cluster", help="local (default, CPU LocalCluster), local-cuda, or tcp://HOST:8786")
-    pf.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
-    pf.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default 1)")
-    pf.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the kernel runs (default auto)")
-    pf.add_argument("--batch-size", type=int, help="stars per kernel batch (default 256)")
-    pf.add_argument("--task-rows", type=int, help="spectra per Dask task (default 500: seconds per task)")
-    pf.add_argument("--continuum-degree", type=int, help="Chebyshev degree per segment; -1 for pre-normalised spectra")
-    pf.add_argument("--labels", metavar="A,B,...", help="fit only these labels; the others are held at --fix values "
-                    "or the training median (default: all)")
-    pf.add_argument("--fix", type=_fix, action="append", metavar="LABEL=VALUE", help="hold a label fixed (repeatable)")
-    pf.add_argument("--tie", action="append", metavar="A,B,...[=VALUE]",
-                    help="fit these labels as one value (e.g. --tie mgm,sim,cam), or hold them all at VALUE "
-                         "(e.g. --tie bam,cem,ndm,zrm=0); repeatable")
-    pf.add_argument("--masks", metavar="SET", help="pixel masks: default (tellurics, sky lines, ISM Na D, DIBs), none, a "
-                    "survey name, or comma-separated window names (distlabels/fit/masks.py)")
-    pf.add_argument("--fit-vsini", action="store_true", default=None, help="fit rotational broadening vsini")
-    pf.add_argument("--fit-lsf", action="store_true", default=None,
-                    help="fit an extra Gaussian instrumental width (resolution mismatch)")
-    pf.add_argument("--covariance", action="store_true", default=None,
-                    help="store each star's covariance of labels and RV in the catalog")
-    pf.add_argument("--overwrite", action="store_true", default=None, help="delete an existing catalog first")
-    pf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # fit (and verify): distlabels/cli/production.py
 
     pq_ = add("query", "select rows of a catalog (Arrow; the files also open in DuckDB, pandas, LSDB)", cmd_query)
     pq_.add_argument("catalog")

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def list_to_numpy(col: pa.ChunkedArray | pa.Array, n_pix: int, dtype=np.float32)
 def write_fragment(table: pa.Table, final: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``table`` to ``final`` atomically: hidden temporary file, fsync, rename."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temp_path(final)
+    tmp = paths.temp_path(final, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                **{k.encode(): v.encode() for k, v in metadata.items()}})
