@@ -92,10 +92,11 @@ class ForwardModel:
             self.u0 = (lo - grid.log10_start) / grid.step_dex                     # (n_pix,) fractional index at v = 0
             # Observed pixels every m working pixels (log-uniform surveys: LAMOST, SDSS/BOSS, APOGEE):
             # then a star's interpolation weights are the same for all its pixels and the taps are
-            # strided slices instead of gathers.
+            # strided slices instead of gathers (on CPU; a GPU does one batched gather better than
+            # thousands of small slices).
             u0 = self.u0.cpu().numpy()
             du = np.diff(u0)
-            if len(u0) > 1 and np.all(np.isfinite(u0)):
+            if len(u0) > 1 and np.all(np.isfinite(u0)) and torch.device(device).type == "cpu":
                 m = int(round(float(np.median(du))))
                 if m >= 1 and np.all(np.abs(du - m) < 1e-4):
                     self.aligned = (float(u0[0]), m)
@@ -265,9 +266,9 @@ class ForwardModel:
         """
         theta = p[:, : self.n_theta].to(self.dtype)
         if jac:
-            rows = self.work.value_and_jacobian_stacked(theta)
+            rows = self.work.value_and_jacobian_stacked(theta).to(self.dtype)
         else:
-            rows = self.work(theta)[:, None, :]
+            rows = self.work(theta)[:, None, :].to(self.dtype)
         if self.broadener is not None:
             cov = self.covered[None, None, :]
             rows = torch.where(cov, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))

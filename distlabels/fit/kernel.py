@@ -138,8 +138,9 @@ class SpectrumFitter:
             if g.sigma_ln is not None:
                 self.sigma_base_kms = C_KMS * g.sigma_ln
         proj = _sparse_torch(g.projection)
-        base = model.to("cpu").project(proj)
-        self.dtype = dt = next(base.parameters()).dtype if len(list(base.parameters())) else torch.float32
+        base = model.project(proj)
+        floats = [t for t in list(base.parameters()) + list(base.buffers()) if t.is_floating_point() and t.dim() >= 1]
+        self.dtype = dt = floats[0].dtype if floats else torch.float32      # the network's own precision
         self.work = base.with_inputs(lm.matrix, lm.offset).to(dev).eval()
         broadener = None
         if broaden:
@@ -220,7 +221,7 @@ class SpectrumFitter:
         else:
             sgrid = build_working_grid(lam_mod, lam_obs, resolution=resolution, model_resolution=model.resolution,
                                        oversample=1.0 if native else cfg.oversample, v_max_kms=cfg.v_max_kms)
-            snet = model.to("cpu").project(_sparse_torch(sgrid.projection)).with_inputs(lm.matrix, lm.offset).to(dev)
+            snet = model.project(_sparse_torch(sgrid.projection)).with_inputs(lm.matrix, lm.offset).to(dev)
         sbasis = None
         if self.fit_continuum:
             sbasis, _ = chebyshev_basis(10 ** sgrid.log10_wavelength, _segments_of(lam_obs, segments), cfg.continuum_degree)

@@ -258,10 +258,11 @@ class ProjectedEmulator(Emulator):
         self.register_buffer("matrix", m.to(torch.float32), persistent=False)
 
     def _apply_matrix(self, y):  # y (n, n_pix) or (n, n_pix, L)
+        m = self.matrix.to(y.dtype)
         if y.dim() == 2:
-            return (self.matrix @ y.T).T
+            return (m @ y.T).T
         n, p, L = y.shape
-        return (self.matrix @ y.permute(1, 0, 2).reshape(p, n * L)).reshape(-1, n, L).permute(1, 0, 2)
+        return (m @ y.permute(1, 0, 2).reshape(p, n * L)).reshape(-1, n, L).permute(1, 0, 2)
 
     def forward(self, x):
         return self._apply_matrix(self.base(x))

@@ -266,3 +266,64 @@ def test_cpu_and_cuda_give_the_same_answer(bossbrain_model, mock_snr50):
     d = np.abs(cpu.labels[same] - gpu.labels[same]) / cpu.errors[same].clip(1e-12)
     assert np.nanmax(d[:, :3]) < 0.05
     np.testing.assert_allclose(gpu.errors[same][:, :3], cpu.errors[same][:, :3], rtol=0.01)
+
+
+class _QuadraticKind:
+    """A stand-in emulator kind with no fast paths: quadratic in 3 labels (a Cannon-like model)."""
+
+
+def _quadratic_emulator():
+    from distlabels.models.base import Emulator
+
+    class Quadratic(Emulator):
+        kind = "test-quadratic"
+
+        def __init__(self, coef, **common):
+            super().__init__(**common)
+            self.register_buffer("coef", coef)
+
+        def forward(self, x):
+            x = x.to(self.coef.dtype)
+            v = torch.cat([torch.ones_like(x[:, :1]), x, x * x, x[:, :1] * x[:, 1:2]], 1)   # (n, 8)
+            return v @ self.coef.T
+
+    rng = np.random.default_rng(21)
+    lam = np.linspace(5000.0, 5200.0, 4001)                      # vacuum, 0.05 A
+    lines = rng.uniform(5005, 5195, size=(40, 1))
+    prof = np.exp(-0.5 * ((lam[None] - lines) / 0.12) ** 2)        # unresolved at R = 5000
+    coef = np.zeros((len(lam), 8))
+    coef[:, 0] = 1 - 0.3 * prof[:20].sum(0)
+    coef[:, 1] = -0.2 * prof[20:30].sum(0)
+    coef[:, 2] = -0.2 * prof[30:].sum(0)
+    coef[:, 3] = -0.1 * prof[:10].sum(0)
+    coef[:, 4:] = -0.05 * prof[10:14].sum(0)[:, None]
+    train = rng.uniform([4000, 1, -1], [5000, 3, 0.5], size=(500, 3))
+    return Quadratic(torch.as_tensor(coef, dtype=torch.float64), label_names=("teff", "logg", "mh"),
+                     x_min=[4000, 1, -1], x_max=[5000, 3, 0.5], wavelength_aa=lam, wavelength_medium="vacuum",
+                     training_labels=train)
+
+
+def test_any_emulator_kind_fits_through_the_generic_paths():
+    """A kind with only ``forward`` (autograd Jacobian, wrapped projection and label map) fits, with vsini."""
+    model = _quadratic_emulator()
+    rng = np.random.default_rng(22)
+    model_mock = _with_training_labels(model, model.training_labels[:6])
+    wave = 5010 * 10 ** (2e-5 * np.arange(7500))                    # log-uniform, 5010-5183 A
+    wave = wave[wave < 5190]
+    from distlabels.config import MockConfig as MC
+    import distlabels.io.wavelength as wl
+    grid = dict(kind="loglam", start_aa=5010.0, step_dex=2e-5, n_pix=len(wave), resolution=5000.0,
+                segments=((5000.0, 5200.0),))
+    wl.SURVEY_GRIDS["test-quad"] = grid
+    try:
+        table, meta = make_mock(model_mock, MC(n=6, seed=23, snr_min=200, snr_max=200, grid="test-quad",
+                                               rv_max_kms=30, vsini_max_kms=60))
+    finally:
+        del wl.SURVEY_GRIDS["test-quad"]
+    flux, ivar, mask = _arrays(table, meta)
+    res = fit_spectra(model, meta["wavelength_aa"], flux, ivar, mask=mask, resolution=5000.0, segments=meta["segments"],
+                      config=FitConfig(fit_vsini=True, library_size=256, masks="none"))
+    truth = _truth(table, model.label_names)
+    pull = (res.labels - truth) / res.errors
+    assert np.all(np.abs(pull) < 5), pull
+    assert np.all(np.abs(res.rv - table["true_rv"].to_numpy()) < 5 * res.rv_err + 0.2)
