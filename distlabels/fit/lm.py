@@ -23,9 +23,6 @@ from dataclasses import dataclass
 import torch
 
 
-_TRACE: list | None = None   # set to a list to record every iteration (debugging)
-
-
 @dataclass
 class LMState:
     p: torch.Tensor          # (n, P) float64
@@ -154,9 +151,6 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
         gain = b.chi2[sel] - chi2_t
         n_iter[sel] += 1
         ok = torch.isfinite(chi2_t) & (gain > 0)
-        if _TRACE is not None:
-            _TRACE.append(dict(sel=sel.cpu().numpy(), dec=dec[sel].cpu().numpy(), pred=pred.cpu().numpy(),
-                               gain=gain.cpu().numpy(), lam=lam_a.cpu().numpy()))
         rho = gain / pred.clamp_min(1e-30)
         # Nielsen: shrink lambda by up to 3 after a good step, grow it geometrically after a bad one.
         lam[sel] = torch.where(ok, lam_a * torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3.0),

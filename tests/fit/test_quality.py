@@ -268,11 +268,8 @@ def test_cpu_and_cuda_give_the_same_answer(bossbrain_model, mock_snr50):
     np.testing.assert_allclose(gpu.errors[same][:, :3], cpu.errors[same][:, :3], rtol=0.01)
 
 
-class _QuadraticKind:
-    """A stand-in emulator kind with no fast paths: quadratic in 3 labels (a Cannon-like model)."""
-
-
 def _quadratic_emulator():
+    """A stand-in emulator kind with no fast paths: quadratic in 3 labels (a Cannon-like model)."""
     from distlabels.models.base import Emulator
 
     class Quadratic(Emulator):
@@ -306,7 +303,6 @@ def _quadratic_emulator():
 def test_any_emulator_kind_fits_through_the_generic_paths():
     """A kind with only ``forward`` (autograd Jacobian, wrapped projection and label map) fits, with vsini."""
     model = _quadratic_emulator()
-    rng = np.random.default_rng(22)
     model_mock = _with_training_labels(model, model.training_labels[:6])
     wave = 5010 * 10 ** (2e-5 * np.arange(7500))                    # log-uniform, 5010-5183 A
     wave = wave[wave < 5190]
