@@ -40,8 +40,9 @@ class FitConfig:
     working_grid: str = "auto"         # auto | uniform | native (the model's own pixels, when no LSF is needed)
     library_size: int = 1024           # emulator spectra in the chi^2 library start
     n_templates: int = 4               # templates in the RV cross-correlation
-    n_starts: int = 1                  # starts for every star (best library candidates); the lowest chi^2 wins
-    max_starts: int = 2                # ... and up to this many for stars that would be flagged CHI2_HIGH or NOT_CONVERGED
+    n_starts: int = 2                  # library candidates tried at most; beyond starts_always only for stars that
+                                       # would be flagged CHI2_HIGH or NOT_CONVERGED; the lowest chi^2 wins
+    starts_always: int = 1             # starts every star gets
     start_labels: tuple[str, ...] | None = None  # labels the start library varies (None: the n_start_labels that move the spectrum most)
     n_start_labels: int = 4
     start_max_iter: int = 10           # stage 1 of a start (start labels only): iterations at most ...

@@ -463,7 +463,7 @@ class SpectrumFitter:
         wn = torch.where(okc, w * cont0 * cont0, torch.zeros_like(w))
         v0, ccf_gain = self.start.rv(dn, wn)
         v0 = v0.clamp(-cfg.v_max_kms, cfg.v_max_kms)
-        k = max(int(cfg.n_starts), int(cfg.max_starts), 1)
+        k = max(int(cfg.n_starts), int(cfg.starts_always), 1)
         cand = self.start.library(dn, wn, v0, k)                                      # (n, k)
 
         # Pixels the model cannot reach at the start velocity get no weight; the model variance
@@ -476,13 +476,13 @@ class SpectrumFitter:
         n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
         best = self._run_start(d, w, cand[:, 0], v0)
         n_iter += best.n_iter
-        # More starts (the next library candidates): always for the first ``n_starts``, and up to
-        # ``max_starts`` for any star that would be flagged CHI2_HIGH or NOT_CONVERGED (a local minimum
-        # or a bad start); the lowest chi^2 wins.
+        # More starts (the next library candidates): for every star up to ``starts_always``, and up to
+        # ``n_starts`` for any star that would be flagged CHI2_HIGH or NOT_CONVERGED (a local minimum or
+        # a bad start); the lowest chi^2 wins.
         for j in range(1, cand.shape[1]):
             chi2_red = best.chi2 / dof
             poor = (chi2_red > cfg.chi2_red_high) & (chi2_red > 1 + cfg.chi2_sigma_high * torch.sqrt(2 / dof))
-            sel = torch.arange(n, device=dev) if j < cfg.n_starts else torch.nonzero(poor | ~best.converged).flatten()
+            sel = torch.arange(n, device=dev) if j < cfg.starts_always else torch.nonzero(poor | ~best.converged).flatten()
             if len(sel) == 0:
                 break
             st = self._run_start(d[sel], w[sel], cand[sel, j], v0[sel])
