@@ -259,8 +259,10 @@ def test_cpu_and_cuda_give_the_same_answer(bossbrain_model, mock_snr50):
     flux, ivar, mask = _arrays(table.slice(0, 32), meta)
     kw = dict(resolution=meta["resolution"], segments=meta["segments"])
     cpu = fit_spectra(bossbrain_model, meta["wavelength_aa"], flux, ivar, mask=mask, device="cpu", **kw)
-    gpu = fit_spectra(bossbrain_model.to("cuda"), meta["wavelength_aa"], flux, ivar, mask=mask, device="cuda", **kw)
-    bossbrain_model.to("cpu")
+    try:
+        gpu = fit_spectra(bossbrain_model.to("cuda"), meta["wavelength_aa"], flux, ivar, mask=mask, device="cuda", **kw)
+    finally:
+        bossbrain_model.to("cpu")
     same = (cpu.flags == gpu.flags) & ((cpu.flags & Flag.AT_LABEL_BOUND) == 0)
     assert same.mean() > 0.8
     d = np.abs(cpu.labels[same] - gpu.labels[same]) / cpu.errors[same].clip(1e-12)
