@@ -18,24 +18,46 @@ from .errors import DistlabelsError
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Settings of the fitting kernel (:mod:`distlabels.fit`)."""
+    """Settings of the fitting kernel (:mod:`distlabels.fit`). Hashed into a run's identity."""
 
+    # --- what is fitted -----------------------------------------------------------------------
+    labels: tuple[str, ...] | None = None     # labels fitted (None: all); the others are held (see fix)
+    fix: tuple[tuple[str, float], ...] = ()   # labels held at a value, e.g. (("cm", 0.0),)
+    ties: tuple[tuple[str, ...], ...] = ()    # groups of labels fitted as one value, e.g. (("mgm", "sim", "cam"),)
     continuum_degree: int = 3          # Chebyshev degree of the multiplicative continuum, per segment; -1: none (pre-normalised)
-    max_iter: int = 40                 # Levenberg-Marquardt iterations at most
-    chi2_tol: float = 1e-2             # converged when an accepted step lowers chi^2 by less than this
-    step_tol: float = 1e-3             # ... or moves every parameter by less than this many sigma
-    lambda_init: float = 1e-2          # initial LM damping (relative to diag(J^T W J))
+    fit_vsini: bool = False            # fit rotational broadening vsini (km/s, linear limb darkening)
+    fit_lsf: bool = False              # fit an extra Gaussian instrumental width (resolution mismatch)
+    limb_darkening: float = 0.6        # linear limb-darkening coefficient of the rotational kernel
+    vsini_max_kms: float = 500.0       # upper bound of vsini
+    lsf_headroom: float = 1.3          # fit_lsf: the grid is convolved to R * headroom; the fit adds the rest
+    masks: str | tuple = "default"     # pixel masks (distlabels.fit.masks): "default", "none", a survey, or windows
+    # --- optimiser ----------------------------------------------------------------------------
+    max_iter: int = 30                 # Levenberg-Marquardt iterations at most (per start)
+    chi2_tol: float = 1.0              # converged when the next step could lower chi^2 by less than this
+    lambda_init: float = 1e-3          # initial LM damping (relative to diag(J^T W J))
     v_max_kms: float = 500.0           # |RV| search range, km/s
-    oversample: int = 2                # working-grid pixels per observed pixel
-    library_size: int = 512            # emulator spectra in the chi^2 library start
+    oversample: float = 2.0            # working-grid pixels per observed pixel (uniform log grid)
+    working_grid: str = "auto"         # auto | uniform | native (the model's own pixels, when no LSF is needed)
+    library_size: int = 1024           # emulator spectra in the chi^2 library start
     n_templates: int = 4               # templates in the RV cross-correlation
-    n_starts: int = 3                  # library candidates tried for stars whose first fit is poor
-    restart_sigma: float = 5.0         # "poor": reduced chi^2 above 1 + restart_sigma * sqrt(2 / dof)
-    batch_size: int = 256              # stars per batch in the kernel
+    n_starts: int = 2                  # library candidates tried at most; beyond starts_always only for stars that
+                                       # would be flagged CHI2_HIGH or NOT_CONVERGED; the lowest chi^2 wins
+    starts_always: int = 1             # starts every star gets
+    start_labels: tuple[str, ...] | None = None  # labels the start library varies (None: the n_start_labels that move the spectrum most)
+    n_start_labels: int = 4
+    start_max_iter: int = 10           # stage 1 of a start (start labels only): iterations at most ...
+    start_chi2_tol: float = 10.0       # ... and its (loose) convergence tolerance
+    batch_size: int = 64               # stars per batch in the kernel
+    cpu_matmul: str = "auto"           # CPU backend of the network's big products: auto (timed once) | torch | numpy
+    # --- flags --------------------------------------------------------------------------------
     min_good_pixels: int = 50          # fewer usable pixels: not fitted, flagged
     low_snr: float = 5.0               # S/N per pixel below this: flagged LOW_SNR
-    chi2_red_high: float = 5.0         # reduced chi^2 above this: flagged CHI2_HIGH
-    fix: tuple[tuple[str, float], ...] = ()   # labels held at a value, e.g. (("cm", 0.0),)
+    chi2_red_high: float = 1.2         # CHI2_HIGH: reduced chi^2 above this ...
+    chi2_sigma_high: float = 5.0       # ... and above 1 + this * sqrt(2 / dof) (not a noise fluctuation)
+    far_from_training: float = 2.0     # FAR_FROM_TRAINING beyond this x the training set's own 99th-pct NN distance
+    rv_err_max_kms: float = 50.0       # RV_FAILED above this RV error
+    rv_min_ccf_delta_chi2: float = 25.0  # RV_FAILED when the cross-correlation peak improves chi^2 by less
+    covariance: bool = False           # also return the full covariance of labels and RV
     seed: int = 0                      # library selection
 
     def fixed(self) -> dict[str, float]:
@@ -57,6 +79,10 @@ class MockConfig:
     max_rows_per_partition: int = 1000
     noiseless: bool = False
     labels_from: str = "training"      # training: the model's training labels; uniform: uniform in its label box
+    normalized: bool = False           # pre-normalised spectra: continuum 1 (noise still relative to it)
+    resolution: float | None = None    # resolving power of the mock (None: the survey grid's own)
+    vsini_max_kms: float = 0.0         # rotational broadening, vsini uniform in [0, max] (0: none)
+    limb_darkening: float = 0.6        # linear limb darkening of the rotational profile
 
 
 @dataclass(frozen=True)
@@ -151,6 +177,16 @@ def _coerce(cls, data: dict[str, Any]):
             v = _coerce(FitConfig, v)
         elif k == "fix" and isinstance(v, dict):
             v = tuple((str(a), float(b)) for a, b in v.items())
+        elif k == "fix" and isinstance(v, (list, tuple)):
+            v = tuple((str(a), float(b)) for a, b in v)
+        elif k in ("labels", "start_labels") and isinstance(v, (list, tuple)):
+            v = tuple(str(a) for a in v)
+        elif k == "labels" and isinstance(v, str):
+            v = tuple(a.strip() for a in v.split(",") if a.strip())
+        elif k == "ties" and isinstance(v, (list, tuple)):
+            v = tuple(tuple(str(a) for a in (g.split(",") if isinstance(g, str) else g)) for g in v)
+        elif k == "masks" and isinstance(v, (list, tuple)):
+            v = tuple(a if isinstance(a, str) else tuple(float(b) for b in a) for a in v)
         elif k in ("l1", "hidden") and isinstance(v, (list, tuple)):
             v = tuple(v)
         kwargs[k] = v

@@ -1,19 +1,26 @@
 """Mock surveys: emulator spectra made to look observed, with the truth kept beside them.
 
 For each star: labels drawn from the model's own training labels; the emulator spectrum (air or
-vacuum, model grid) moved to vacuum, convolved with a Gaussian line-spread function of the
-survey's resolving power on the model's own grid, Doppler shifted by an RV in +-rv_max, sampled
-at the survey's pixel centres, multiplied by a smooth continuum, and given Gaussian noise of the
-chosen S/N per pixel (relative to the continuum). A few pixels are masked at random.
+vacuum, model grid) moved to vacuum, optionally broadened by rotation (vsini, linear limb
+darkening; a sampled kernel convolved on a fine uniform velocity grid), convolved with a Gaussian
+line-spread function of the survey's resolving power on the model's own grid, Doppler shifted by
+an RV in +-rv_max and sampled at the survey's pixel centres by a cubic spline (the convolved
+spectrum is smooth on the model grid; linear interpolation there would add errors of ~1e-3 of
+the continuum, a tenth of the noise at S/N 100), multiplied by a smooth continuum (or 1 for
+pre-normalised spectra), and given Gaussian noise of the chosen S/N per pixel (relative to the
+continuum). A few pixels are masked at random. On the model's own grid (no line-spread function)
+the shifted spectrum is interpolated linearly, as The Payne does.
 
-This path is written independently of the fit kernel's working grid (it convolves on the model
-grid and interpolates each star with numpy), so a fit that recovers the truth checks both.
+This path is written independently of the fit kernel (it convolves on the model grid, rotates
+with a sampled kernel and interpolates each star with scipy), so a fit that recovers the truth
+checks both.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
+from scipy.interpolate import CubicSpline
 
 from .config import MockConfig
 from .io.store import list_column
@@ -39,6 +46,31 @@ def lsf_matrix(wavelength_aa: np.ndarray, resolution: float) -> sp.csr_matrix:
     m = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(lam),) * 2)
     norm = np.asarray(m.sum(1)).ravel()
     return sp.diags(1.0 / norm) @ m
+
+
+def rotate(wavelength_aa: np.ndarray, flux: np.ndarray, vsini_kms: float, limb_darkening: float = 0.6,
+           dv_kms: float = 1.0) -> np.ndarray:
+    """Rotationally broadened flux on the same grid: the classical profile (Gray) with linear limb
+    darkening, sampled every ``dv_kms`` on a uniform ln(lambda) grid and convolved there."""
+    if vsini_kms <= 2 * dv_kms:
+        return flux
+    from scipy.signal import fftconvolve
+
+    lnw = np.log(wavelength_aa)
+    step = dv_kms / C_KMS
+    fine = np.arange(lnw[0], lnw[-1], step)
+    # Cubic, not linear: a piecewise-linear model between pixels would itself broaden the lines
+    # (by ~pixel/sqrt(6) in sigma, 10-20 km/s on a 0.5 A grid) and bias vsini high.
+    f = CubicSpline(lnw, flux)(fine)
+    m = int(np.ceil(vsini_kms / dv_kms))
+    u = np.arange(-m, m + 1) * dv_kms / vsini_kms
+    inside = np.abs(u) < 1
+    eps = limb_darkening
+    k = np.where(inside, 2 * (1 - eps) * np.sqrt(np.clip(1 - u * u, 0, None)) + 0.5 * np.pi * eps * (1 - u * u), 0.0)
+    k /= k.sum()
+    pad = np.pad(f - 1, m, mode="constant")
+    broad = fftconvolve(pad, k, mode="same")[m:-m] + 1
+    return CubicSpline(fine, broad)(lnw)
 
 
 def random_sky(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -76,9 +108,12 @@ def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=No
         medium = "vacuum"
     wave_vac = to_vacuum(wave, medium)
     lam_m = to_vacuum(model.wavelength, model.wavelength_medium)
+    if cfg.resolution is not None and cfg.grid != "model":
+        resolution = float(cfg.resolution)
     conv = lsf_matrix(lam_m, resolution) if resolution else None
     rv = np.zeros(n) if cfg.noiseless else rng.uniform(-cfg.rv_max_kms, cfg.rv_max_kms, n)
     snr = rng.uniform(cfg.snr_min, cfg.snr_max, n)
+    vsini = rng.uniform(0, cfg.vsini_max_kms, n) if cfg.vsini_max_kms > 0 else np.zeros(n)
     beta = rv / C_KMS
     doppler = np.sqrt((1 + beta) / (1 - beta))
     x = 2 * (wave_vac - wave_vac.min()) / (wave_vac.max() - wave_vac.min()) - 1
@@ -89,15 +124,28 @@ def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=No
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         spec = model.predict(labels[lo:hi])                                 # (m, n_model)
+        if cfg.vsini_max_kms > 0:
+            spec = np.stack([rotate(lam_m, sp, v, cfg.limb_darkening) for sp, v in zip(spec, vsini[lo:hi])])
         if conv is not None:
             spec = (conv @ spec.T).T
+            coef = CubicSpline(lam_m, spec.T, axis=0).c                     # (4, n_model - 1, m)
         for k, s in enumerate(range(lo, hi)):
-            f = np.interp(wave_vac / doppler[s], lam_m, spec[k], left=np.nan, right=np.nan)
+            at = wave_vac / doppler[s]
+            if conv is not None:
+                inside = (at >= lam_m[0]) & (at <= lam_m[-1])
+                j = np.clip(np.searchsorted(lam_m, at[inside]) - 1, 0, len(lam_m) - 2)
+                t = at[inside] - lam_m[j]
+                f = np.full(n_pix, np.nan)
+                f[inside] = ((coef[0, j, k] * t + coef[1, j, k]) * t + coef[2, j, k]) * t + coef[3, j, k]
+            else:
+                f = np.interp(at, lam_m, spec[k], left=np.nan, right=np.nan)
             if cfg.noiseless:
                 cont = np.ones(n_pix)
             else:
                 a = rng.normal(0, [0.15, 0.05][: cfg.continuum_degree] + [0.02] * max(cfg.continuum_degree - 2, 0))
                 cont = rng.uniform(0.5, 2.0) * (1 + np.polynomial.chebyshev.chebval(x, np.concatenate([[0], a])))
+                if cfg.normalized:
+                    cont = np.ones(n_pix)
             sigma = cont / snr[s]
             obs = cont * f
             if not cfg.noiseless:
@@ -124,6 +172,8 @@ def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=No
     for j, name in enumerate(model.label_names):
         cols[f"true_{name}"] = pa.array(labels[:, j].astype(np.float32))
     cols["true_rv"] = pa.array(rv.astype(np.float32))
+    if cfg.vsini_max_kms > 0:
+        cols["true_vsini"] = pa.array(vsini.astype(np.float32))
     meta = {
         "survey": "mock",
         "wavelength_aa": np.asarray(wave, np.float64).tolist(),
@@ -133,6 +183,7 @@ def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=No
         "segments": [list(s) for s in segments] if segments else None,
         "label_names": list(model.label_names),
         "mock": {"model_id": model.model_id, "grid": cfg.grid, "n": n, "snr_range": [cfg.snr_min, cfg.snr_max],
-                 "seed": cfg.seed, "rv_max_kms": cfg.rv_max_kms, "noiseless": cfg.noiseless},
+                 "seed": cfg.seed, "rv_max_kms": cfg.rv_max_kms, "noiseless": cfg.noiseless,
+                 "normalized": cfg.normalized, "resolution": resolution, "vsini_max_kms": cfg.vsini_max_kms},
     }
     return pa.table(cols), meta

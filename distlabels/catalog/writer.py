@@ -52,6 +52,10 @@ def result_table(inputs: pa.Table, result: FitResult, model_id: str) -> pa.Table
         cols[f"{name}_err"] = pa.array(result.errors[:, j].astype(np.float32))
     cols["rv"] = pa.array(result.rv.astype(np.float32))
     cols["rv_err"] = pa.array(result.rv_err.astype(np.float32))
+    for name in ("vsini", "vsini_err", "resolution", "resolution_err"):
+        value = getattr(result, name, None)
+        if value is not None:
+            cols[name] = pa.array(np.asarray(value).astype(np.float32))
     cols["chi2_red"] = pa.array(result.chi2_red.astype(np.float32))
     cols["n_iter"] = pa.array(result.n_iter.astype(np.int16))
     flags = result.flags.astype(np.int64)
@@ -61,6 +65,12 @@ def result_table(inputs: pa.Table, result: FitResult, model_id: str) -> pa.Table
         if c in inputs.column_names:
             cols[c] = inputs.column(c)
     cols["flags"] = pa.array(flags)
+    if getattr(result, "labels_at_bound", None) is not None:
+        cols["labels_at_bound"] = pa.array(result.labels_at_bound.astype(np.int64))   # bit j: label j on its bound
+    if getattr(result, "covariance", None) is not None:
+        # Row-major (n_labels + 1)^2 matrix over the labels (physical units) and RV (km/s).
+        cov = result.covariance.astype(np.float32).reshape(n, -1)
+        cols["covariance"] = pa.FixedSizeListArray.from_arrays(pa.array(cov.ravel()), cov.shape[1])
     cols["model_id"] = pa.array([model_id] * n, pa.string())
     for c in inputs.column_names:
         if c.startswith("true_"):

@@ -129,7 +129,7 @@ def cmd_demo(args) -> int:
     from ..pipeline.demo import run_demo
 
     snr = args.snr_range or (20.0, 100.0)
-    run_demo(args.out_dir or "demo_output", n=int(args.n or 2000), workers=args.workers or 2,
+    run_demo(args.out_dir or "demo_output", n=int(args.n or 10000), workers=args.workers or 2,
              seed=int(args.seed or 42), snr_range=snr, task_rows=int(args.task_rows or 250),
              progress=not args.no_progress)
     return 0
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pd = add("demo", "the whole path on this machine: import bossbrain, mock, fit on a LocalCluster, query, plot",
              cmd_demo)
-    pd.add_argument("--n", type=int, help="mock stars (default 2000)")
+    pd.add_argument("--n", type=int, help="mock stars (default 10000)")
     pd.add_argument("--workers", type=int, help="LocalCluster workers (default 2)")
     pd.add_argument("--seed", type=int)
     pd.add_argument("--snr-range", type=_range)

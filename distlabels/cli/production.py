@@ -31,7 +31,7 @@ def register(sub, add) -> None:
     pf.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default 1)")
     pf.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the kernel runs (default auto: the "
                                                                       "worker's GPU when it has one)")
-    pf.add_argument("--batch-size", type=int, help="stars per kernel batch on CPU (default 256; on a GPU the "
+    pf.add_argument("--batch-size", type=int, help="stars per kernel batch on CPU (default 64; on a GPU the "
                                                    "batch is sized from the device's free memory)")
     pf.add_argument("--task-rows", type=int, help="spectra per Dask task (default 500: seconds per task)")
     pf.add_argument("--retries", type=int, help="retries of a failing task before it is recorded in "
@@ -42,7 +42,19 @@ def register(sub, add) -> None:
     pf.add_argument("--k8s-spec", help="k8s: DaskCluster manifest (default configs/k8s-cluster.yaml)")
     pf.add_argument("--k8s-namespace", help="k8s: namespace (default: the manifest's)")
     pf.add_argument("--continuum-degree", type=int, help="Chebyshev degree per segment; -1 for pre-normalised spectra")
+    pf.add_argument("--labels", metavar="A,B,...", help="fit only these labels; the others are held at --fix values "
+                    "or the training median (default: all)")
     pf.add_argument("--fix", type=_fix, action="append", metavar="LABEL=VALUE", help="hold a label fixed (repeatable)")
+    pf.add_argument("--tie", action="append", metavar="A,B,...[=VALUE]",
+                    help="fit these labels as one value (e.g. --tie mgm,sim,cam), or hold them all at VALUE "
+                         "(e.g. --tie bam,cem,ndm,zrm=0); repeatable")
+    pf.add_argument("--masks", metavar="SET", help="pixel masks: default (tellurics, sky lines, ISM Na D, DIBs), none, "
+                    "a survey name, or comma-separated window names (distlabels/fit/masks.py)")
+    pf.add_argument("--fit-vsini", action="store_true", default=None, help="fit rotational broadening vsini")
+    pf.add_argument("--fit-lsf", action="store_true", default=None,
+                    help="fit an extra Gaussian instrumental width (resolution mismatch)")
+    pf.add_argument("--covariance", action="store_true", default=None,
+                    help="store each star's covariance of labels and RV in the catalog")
     pf.add_argument("--overwrite", action="store_true", default=None, help="delete an existing catalog first")
     pf.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
@@ -60,9 +72,50 @@ def fit_config(args):
         opts["batch_size"] = int(args.batch_size)
     if args.continuum_degree is not None:
         opts["continuum_degree"] = int(args.continuum_degree)
-    if args.fix:
-        opts["fix"] = dict(args.fix)
+    fix = dict(opts.get("fix") or {})
+    fix.update(dict(args.fix or ()))
+    if getattr(args, "labels", None):
+        opts["labels"] = [t.strip() for t in args.labels.split(",") if t.strip()]
+    ties = list(opts.get("ties") or ())
+    for text in getattr(args, "tie", None) or ():
+        names, eq, value = text.partition("=")
+        group = [t.strip() for t in names.split(",") if t.strip()]
+        if eq:          # tied and held: every member at VALUE
+            try:
+                fix.update({n: float(value) for n in group})
+            except ValueError:
+                raise DistlabelsError(f"--tie expects LABEL,LABEL[,...][=VALUE], got {text!r}.") from None
+        else:
+            ties.append(group)
+    if fix:
+        opts["fix"] = fix
+    if ties:
+        opts["ties"] = ties
+    masks = getattr(args, "masks", None)
+    if masks:
+        opts["masks"] = masks if "," not in masks else [t.strip() for t in masks.split(",") if t.strip()]
+    for flag in ("fit_vsini", "fit_lsf", "covariance"):
+        if getattr(args, flag, None):
+            opts[flag] = True
     return from_dict(FitConfig, opts)
+
+
+def check_fit_labels(model_dir, cfg) -> None:
+    """Refuse, in one sentence and before any cluster starts, fit options that name unknown labels."""
+    import json
+    from pathlib import Path
+
+    from ..fit.labels import check_label_options
+
+    if not (cfg.labels or cfg.fix or cfg.ties or cfg.start_labels):
+        return
+    path = Path(str(model_dir)) / "model.json"
+    try:
+        names = json.loads(path.read_text()).get("label_names") or []
+    except (ValueError, OSError):
+        return          # a missing or malformed model is reported by the run itself
+    if names:
+        check_label_options(names, labels=cfg.labels, fix=cfg.fix, ties=cfg.ties, start_labels=cfg.start_labels)
 
 
 def run_config(args):
@@ -92,6 +145,7 @@ def cmd_fit(args) -> int:
     if not (args.model and args.spectra and args.out):
         raise DistlabelsError("fit needs --model MODEL_DIR, --spectra STORE and --out CATALOG.")
     cfg = run_config(args)
+    check_fit_labels(args.model, cfg.fit)
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise DistlabelsError(f"--device must be auto, cpu or cuda, not {cfg.device!r}.")
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

@@ -1,36 +1,44 @@
-"""The fitting kernel: batched Levenberg-Marquardt over labels, radial velocity and continuum.
+"""The fitting kernel: batched Levenberg-Marquardt over labels, radial velocity, broadening and continuum.
 
 Pure torch, no I/O and no Dask; the same code runs on CPU and CUDA.
 
-Forward model of observed pixel p of star s (all wavelengths vacuum)::
+Per batch of stars sharing one observed grid:
 
-    model[s, p] = cont[s, p] * F_work(x_s)[u_p - shift(v_s)]        (linear interpolation)
-    cont[s, p]  = sum_k c[s, k] * T_k(lambda_p)                     (Chebyshev per segment)
+1. start (:mod:`.start`): polynomial continuum of the data, RV from a cross-correlation with a few
+   emulator templates, the ``n_starts`` best spectra of a library of emulator spectra by chi^2;
+2. from each start, bounded Levenberg-Marquardt (:mod:`.lm`) on the forward model of
+   :mod:`.forward` (analytic Jacobian; J^T W J and solves in float64; converged stars leave the
+   batch); per star the start with the lowest chi^2 wins;
+3. errors from (J^T W J)^-1 (not rescaled by chi^2), flags (:mod:`.flags`).
 
-``F_work`` is the emulator folded onto the working grid (see :mod:`.working_grid`), ``x`` the
-scaled labels, ``shift(v) = log10(doppler(v)) / step``. Parameters per star:
-``[x (n_labels), v (km/s), c (n_cont)]``. The Jacobian is analytic (through the network, the
-interpolation and the continuum); J^T W J and the solves are in float64.
-
-Start: continuum from a polynomial fit to the data, RV from a cross-correlation against a few
-emulator templates, labels from the best of ``library_size`` emulator spectra by chi^2 (two
-matrix products per batch, see ``_library_start``), then LM to convergence. Stars that have
-converged stop costing work. Errors are sqrt(diag((J^T W J)^-1)), not rescaled by chi^2.
+Which labels move (subset, fixed values, ties: :mod:`.labels`) is folded into the emulator's first
+layer, the resampling onto the working grid and the line-spread function into its last layer
+(:mod:`.working_grid`), pixel masks come from :mod:`.masks`, and the emulator's own variance
+(``model.model_variance``) is added to the data variance.
 """
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..config import FitConfig
+from ..errors import DistlabelsError
 from ..io.wavelength import C_KMS, to_vacuum
 from ..models.base import Emulator
+from .broadening import Broadener
 from .flags import Flag
-from .working_grid import build_working_grid, chebyshev_basis, log10_doppler
+from .forward import ForwardModel
+from .labels import build_label_map
+from .lm import levenberg_marquardt, normal_equations
+from .masks import mask_windows, pixel_mask
+from .start import StartSearch
+from .working_grid import FWHM_PER_SIGMA, build_native_grid, build_working_grid, chebyshev_basis
 
-LN10 = float(np.log(10.0))
+BROADENING_PAD_SIGMA = 5.0   # FFT padding: kernel half-width in Gaussian sigmas
 
 
 @dataclass
@@ -39,15 +47,24 @@ class FitResult:
 
     label_names: tuple[str, ...]
     labels: np.ndarray          # (n, n_labels)
-    errors: np.ndarray          # (n, n_labels)
+    errors: np.ndarray          # (n, n_labels); 0 for held labels
     rv: np.ndarray              # (n,) km/s
     rv_err: np.ndarray          # (n,) km/s
     chi2_red: np.ndarray        # (n,)
-    n_iter: np.ndarray          # (n,) int
+    n_iter: np.ndarray          # (n,) int: LM iterations summed over starts
     flags: np.ndarray           # (n,) int64 bitmask, see distlabels.fit.flags
     continuum: np.ndarray       # (n, n_cont) Chebyshev coefficients
     snr: np.ndarray             # (n,) median S/N per pixel over usable pixels
-    covariance: np.ndarray | None = field(default=None)  # (n, n_par, n_par) scaled units, optional
+    covariance: np.ndarray | None = field(default=None)  # (n, n_labels + 1, n_labels + 1): labels (physical), RV
+    vsini: np.ndarray | None = None        # (n,) km/s, when FitConfig.fit_vsini
+    vsini_err: np.ndarray | None = None    # (n,) km/s: sqrt(q + sigma_q) - sqrt(q), q = vsini^2
+    resolution: np.ndarray | None = None   # (n,) fitted resolving power, when FitConfig.fit_lsf
+    resolution_err: np.ndarray | None = None
+    labels_at_bound: np.ndarray | None = None  # (n,) int64 bitmask: bit j set when label j ended on its bound
+
+    def __post_init__(self):
+        if self.labels_at_bound is None:
+            self.labels_at_bound = np.zeros(len(self.rv), np.int64)
 
     def __len__(self) -> int:
         return len(self.rv)
@@ -59,10 +76,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def _training_median_x(model: Emulator) -> np.ndarray:
+    tl = model.training_labels
+    if len(tl) == 0:
+        return np.zeros(model.n_labels)
+    return model.scale(torch.as_tensor(np.median(tl, axis=0), dtype=torch.float64)).numpy()
+
+
 class SpectrumFitter:
     """Fits spectra that share one observed wavelength grid with one emulator.
 
-    Building it does the per-grid work once (working grid, folded network, continuum basis,
+    Building it does the per-grid work once (working grid, folded network, masks, continuum basis,
     template library); :meth:`fit` can then be called on any number of batches.
 
     wavelength_aa: (n_pix,) observed wavelengths in ``wavelength_medium``; resolution: resolving
@@ -78,356 +102,304 @@ class SpectrumFitter:
         self.model = model
         self.label_names = tuple(model.label_names)
         self.n_labels = L = model.n_labels
+        self.resolution = resolution
         lam_obs = to_vacuum(np.asarray(wavelength_aa, np.float64), wavelength_medium)
         self.wavelength_vac = lam_obs
         self.n_pix = len(lam_obs)
         lam_mod = to_vacuum(model.wavelength, model.wavelength_medium)
-        self.grid = g = build_working_grid(lam_mod, lam_obs, resolution=resolution,
-                                           model_resolution=model.resolution, oversample=cfg.oversample,
-                                           v_max_kms=cfg.v_max_kms)
-        coo = g.projection.tocoo()
-        proj = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data, size=coo.shape,
-                                       dtype=torch.float64, check_invariants=False)
-        self.work = model.to("cpu").project(proj).to(dev).eval()
-        # Network precision: float32 unless the model was cast to float64 (J^T W J is float64 always).
-        self.dtype = dt = next(self.work.parameters()).dtype
-        self.work_ok = torch.as_tensor(g.covered, device=dev)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            log10_obs = np.log10(np.where(lam_obs > 0, lam_obs, np.nan))
+
+        # Labels: subset, fixed values and ties as x = offset + matrix @ theta.
+        self.lmap = lm = build_label_map(self.label_names, model.label_span, model.x_min.cpu().numpy(),
+                                         labels=cfg.labels, fix=cfg.fix, ties=cfg.ties,
+                                         default_x=_training_median_x(model))
+        K = lm.n_theta
+
+        # Working grid: uniform in log(lambda) unless the model's own pixels will do.
+        broaden = cfg.fit_vsini or cfg.fit_lsf
+        needs_lsf = resolution is not None and np.isfinite(resolution) and resolution > 0 and (
+            model.resolution is None or model.resolution > resolution)
+        native = cfg.working_grid == "native" or (cfg.working_grid == "auto" and not needs_lsf)
+        if broaden and native:
+            native = False
+        self.sigma_base_kms = None
+        if native:
+            self.grid = g = build_native_grid(lam_mod, lam_obs, v_max_kms=cfg.v_max_kms)
+        else:
+            r_grid = resolution
+            pad = 0.0
+            if cfg.fit_lsf and resolution:
+                r_grid = resolution * cfg.lsf_headroom
+            if broaden:
+                pad = cfg.vsini_max_kms * cfg.fit_vsini + BROADENING_PAD_SIGMA * self._sigma_max_kms(resolution)
+            self.grid = g = build_working_grid(lam_mod, lam_obs, resolution=r_grid, model_resolution=model.resolution,
+                                               oversample=cfg.oversample, v_max_kms=cfg.v_max_kms, pad_kms=pad)
+            if g.sigma_ln is not None:
+                self.sigma_base_kms = C_KMS * g.sigma_ln
+        proj = _sparse_torch(g.projection)
+        base = model.project(proj)
+        floats = [t for t in list(base.parameters()) + list(base.buffers()) if t.is_floating_point() and t.dim() >= 1]
+        self.dtype = dt = floats[0].dtype if floats else torch.float32      # the network's own precision
+        self.work = base.with_inputs(lm.matrix, lm.offset).to(dev).eval()
+        broadener = None
+        if broaden:
+            pad_pix = int(np.ceil((cfg.vsini_max_kms * cfg.fit_vsini + BROADENING_PAD_SIGMA
+                                   * self._sigma_max_kms(resolution)) / g.dv_kms)) + 2
+            broadener = Broadener(g.n_work, g.dv_kms, pad_pix, limb_darkening=cfg.limb_darkening,
+                                  fit_vsini=cfg.fit_vsini, fit_lsf=cfg.fit_lsf, device=dev, dtype=dt)
+            # Working pixels whose kernel would reach beyond the model's coverage are not usable.
+            cov = g.covered.copy()
+            bad = np.flatnonzero(~cov)
+            for j in bad:
+                cov[max(j - pad_pix, 0): j + pad_pix + 1] = False
+            g = type(g)(g.log10_start, g.step_dex, g.n_work, cov, g.projection, g.sigma_ln, g.native, g.v_max_kms)
+            self.grid = g
+
+        # Pixels: masks (tellurics, sky, ISM), segments, finite wavelengths.
+        self.mask_windows = mask_windows(cfg.masks, resolution)
+        basis, seg_of = chebyshev_basis(lam_obs, segments, cfg.continuum_degree)
+        self.fit_continuum = cfg.continuum_degree >= 0
+        usable = (seg_of >= 0) & np.isfinite(lam_obs) & ~pixel_mask(lam_obs, self.mask_windows)
+        self.usable = torch.as_tensor(usable, device=dev)
+        self.fwd = ForwardModel(self.work, g, np.nan_to_num(log10_obs, nan=float(np.nanmin(log10_obs))), basis,
+                                n_theta=K, fit_continuum=self.fit_continuum, broadener=broadener, device=dev, dtype=dt)
         mv = model.model_variance.detach().cpu().double().numpy()
         self.work_var = torch.as_tensor(g.projection @ mv, dtype=dt, device=dev)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.u0 = torch.as_tensor(g.position(np.log10(lam_obs)), dtype=torch.float64, device=dev)
-        basis, seg_of = chebyshev_basis(lam_obs, segments, cfg.continuum_degree)
-        self.in_segment = torch.as_tensor((seg_of >= 0) & np.isfinite(lam_obs), device=dev)
-        self.basis = torch.as_tensor(basis, dtype=dt, device=dev)                 # (n_pix, n_cont)
         self.n_cont = basis.shape[1]
-        self.n_par = L + 1 + self.n_cont
-        self.fit_continuum = cfg.continuum_degree >= 0
+        self.n_par = P = self.fwd.n_par
 
-        # Which parameters move: fixed labels (FitConfig.fix) and, for pre-normalised spectra,
-        # the continuum, are held.
-        free = np.ones(self.n_par, bool)
-        self.x_fixed = {}
-        for name, value in cfg.fixed().items():
-            if name not in self.label_names:
-                raise ValueError(f"--fix names unknown label {name!r} (labels: {', '.join(self.label_names)})")
-            i = self.label_names.index(name)
-            free[i] = False
-            self.x_fixed[i] = float(model.scale(torch.tensor([[value if j == i else 0.0 for j in range(L)]],
-                                                             dtype=torch.float64))[0, i])
+        # Parameter bounds and which parameters move.
+        lo = np.full(P, -np.inf)
+        hi = np.full(P, np.inf)
+        lo[:K], hi[:K] = lm.lo, lm.hi
+        lo[K], hi[K] = -cfg.v_max_kms, cfg.v_max_kms
+        free = np.ones(P, bool)
+        if self.fwd.i_q is not None:
+            lo[self.fwd.i_q], hi[self.fwd.i_q] = 0.0, cfg.vsini_max_kms ** 2
+        if self.fwd.i_s is not None:
+            lo[self.fwd.i_s], hi[self.fwd.i_s] = 0.0, self._sigma_max_kms(resolution) ** 2
         if not self.fit_continuum:
-            free[L + 1:] = False
+            free[self.fwd.i_c:] = False
+        self.lo = torch.as_tensor(lo, dtype=torch.float64, device=dev)
+        self.hi = torch.as_tensor(hi, dtype=torch.float64, device=dev)
         self.free = torch.as_tensor(free, device=dev)
+        self.s_start = 0.0
+        if self.fwd.i_s is not None and resolution:
+            nominal = C_KMS / (FWHM_PER_SIGMA * resolution)
+            self.s_start = max(nominal ** 2 - (self.sigma_base_kms or 0.0) ** 2, 0.0)
 
-        # Template library: emulator spectra on the working grid at training labels.
+        # The library varies the few labels that move the spectrum most ("main"); the others sit at
+        # the training median (a library spread over all labels is too sparse to start from).
+        self.theta_med = np.clip(lm.from_x(_training_median_x(model)), lm.lo, lm.hi)
+        self.main = self._main_labels(cfg.start_labels)
+        # Stage 1 of every start fits only these (with RV, broadening, continuum), the others held at the
+        # median, through a network with only their inputs (a cheap Jacobian); stage 2 frees the rest.
+        # Going straight to all labels lets the weak ones (O, N through molecules) soak up the early
+        # misfit of Teff/log g and settle in a wrong minimum that also biases log g.
+        others = np.setdiff1d(np.arange(K), self.main)
+        off_main = lm.offset + lm.matrix[:, others] @ self.theta_med[others]
+        work_main = base.with_inputs(lm.matrix[:, self.main], off_main).to(dev).eval()
+        self.fwd_main = ForwardModel(work_main, g, np.nan_to_num(log10_obs, nan=float(np.nanmin(log10_obs))), basis,
+                                     n_theta=len(self.main), fit_continuum=self.fit_continuum, broadener=broadener,
+                                     device=dev, dtype=dt)
+        self.sel_main = torch.as_tensor(np.concatenate([self.main, np.arange(K, P)]), device=dev)
+
+        # Library of emulator spectra: main labels from the training set, the others at the median.
         rng = np.random.default_rng(cfg.seed)
         tl = model.training_labels
-        if len(tl) == 0:  # no training labels stored: a Latin-hypercube-like draw inside the box
+        if len(tl) == 0:
             xs = rng.uniform(-0.45, 0.45, size=(cfg.library_size, L))
         else:
             pick = rng.choice(len(tl), size=min(cfg.library_size, len(tl)), replace=False)
             xs = model.scale(torch.as_tensor(tl[pick], dtype=torch.float64)).numpy()
-        xs = np.clip(xs, -0.5, 0.5)
-        for i, xv in self.x_fixed.items():
-            xs[:, i] = xv
-        self.lib_x = torch.as_tensor(xs, dtype=dt, device=dev)
-        with torch.no_grad():
-            self.lib = self.work(self.lib_x) * self.work_ok                     # (K, n_work)
-        order = np.argsort(xs[:, 0])
-        t_idx = order[np.linspace(0, len(order) - 1, max(cfg.n_templates, 1)).round().astype(int)]
-        self.templates = self.lib[torch.as_tensor(t_idx, device=dev)]        # (n_t, n_work)
-        self.max_shift = int(np.ceil(float(log10_doppler(cfg.v_max_kms)) / g.step_dex))
+        th = np.repeat(self.theta_med[None], len(xs), 0)
+        th[:, self.main] = np.clip(lm.from_x(xs), lm.lo, lm.hi)[:, self.main]
+        self.lib_theta = torch.as_tensor(th, dtype=torch.float64, device=dev)
+        if g.uniform and not broaden:
+            sgrid, snet = g, self.work
+        else:
+            sgrid = build_working_grid(lam_mod, lam_obs, resolution=resolution, model_resolution=model.resolution,
+                                       oversample=1.0 if native else cfg.oversample, v_max_kms=cfg.v_max_kms)
+            snet = model.project(_sparse_torch(sgrid.projection)).with_inputs(lm.matrix, lm.offset).to(dev)
+        sbasis = None
+        if self.fit_continuum:
+            sbasis, _ = chebyshev_basis(10 ** sgrid.log10_wavelength, _segments_of(lam_obs, segments), cfg.continuum_degree)
+        self.start = StartSearch(sgrid, snet, self.lib_theta, np.nan_to_num(log10_obs, nan=0.0),
+                                 n_templates=cfg.n_templates, v_max_kms=cfg.v_max_kms, device=dev, dtype=dt,
+                                 continuum_basis=sbasis)
+
+        self.matmul_backend = self._choose_matmul(cfg.cpu_matmul)
+
+        # FAR_FROM_TRAINING: nearest-neighbour distance to the training set in the space of the labels
+        # that shape the spectrum most (the start labels, scaled units). Over all 22 labels a uniform
+        # training set leaves every point far from its neighbours, and a star outside the set in
+        # Teff alone would not stand out.
+        self._train_x = None
+        self._far_labels = np.unique(np.concatenate([lm.groups[k] for k in self.main]))
+        if len(tl):
+            sub = tl[rng.choice(len(tl), size=min(len(tl), 20000), replace=False)]
+            tx = model.scale(torch.as_tensor(sub, dtype=torch.float64))[:, torch.as_tensor(self._far_labels)]
+            self._train_x = tx.to(dev)
+            probe = tx[: min(len(tx), 500)]
+            dd = torch.cdist(probe, tx)
+            dd[torch.arange(len(probe)), torch.arange(len(probe))] = np.inf
+            self.nn_ref = float(torch.quantile(dd.min(1).values, 0.99))
+
+    def _main_labels(self, names) -> np.ndarray:
+        """Indices into theta of the stage-1 labels: ``names``, else the n that change the spectrum most."""
+        lm = self.lmap
+        if names is not None:
+            out = []
+            for nme in names:
+                if nme not in self.label_names:
+                    raise DistlabelsError(f"start_labels names unknown label {nme!r}.")
+                i = self.label_names.index(nme)
+                k = [j for j, grp in enumerate(lm.groups) if i in grp]
+                if not k:
+                    raise DistlabelsError(f"start label {nme!r} is not fitted.")
+                out.append(k[0])
+            return np.unique(np.array(out, int))
+        th = torch.as_tensor(self.theta_med[None], dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            rows = self.work.value_and_jacobian_stacked(th)[0, 1:]                      # (K, W)
+        ok = torch.as_tensor(self.grid.covered, device=self.device)
+        # Influence of a full-range change of each parameter on the spectrum (RMS over pixels).
+        width = torch.as_tensor(lm.hi - lm.lo, dtype=rows.dtype, device=self.device)
+        infl = ((rows * ok).pow(2).mean(1).sqrt() * width).cpu().numpy()
+        n = min(max(int(self.config.n_start_labels), 1), lm.n_theta)
+        return np.sort(np.argsort(-infl)[:n])
+
+    def _choose_matmul(self, choice: str) -> str:
+        """CPU backend of the big products ("torch" or "numpy"): as configured, or the faster of the two
+        on this machine, timed once on a batch-sized Jacobian ("auto")."""
+        nets = [net for net in (self.work, self.fwd_main.work)
+                if net is not None and hasattr(net, "matmul_backend")]
+        if self.device.type != "cpu" or not nets:
+            return "torch"
+        if choice not in ("auto", "torch", "numpy"):
+            raise DistlabelsError(f"cpu_matmul must be auto, torch or numpy, not {choice!r}.")
+        if choice == "auto":
+            th = torch.as_tensor(self.theta_med[None], dtype=self.dtype).repeat(min(max(int(self.config.batch_size), 1), 16), 1)
+            best = None
+            with torch.no_grad():
+                for name in ("torch", "numpy"):
+                    self.work.matmul_backend = name
+                    self.work.value_and_jacobian_stacked(th)
+                    t0 = time.perf_counter()
+                    for _ in range(2):
+                        self.work.value_and_jacobian_stacked(th)
+                    el = time.perf_counter() - t0
+                    if best is None or el < best[1]:
+                        best = (name, el)
+            choice = best[0]
+        for net in nets:
+            net.matmul_backend = choice
+        return choice
+
+    def _sigma_max_kms(self, resolution) -> float:
+        """Upper bound of the fitted extra Gaussian sigma (km/s): 3x the nominal LSF sigma, else 100 km/s."""
+        if not self.config.fit_lsf:
+            return 0.0
+        if resolution:
+            return 3.0 * C_KMS / (FWHM_PER_SIGMA * resolution)
+        return 100.0
 
     # ------------------------------------------------------------------ public API
-    def fit(self, flux, ivar, mask=None, *, return_covariance: bool = False) -> FitResult:
+    def fit(self, flux, ivar, mask=None, *, return_covariance: bool | None = None) -> FitResult:
         """Fit spectra: flux, ivar (n, n_pix) (any float dtype), mask (n, n_pix) bool, True = bad."""
         flux = np.asarray(flux, dtype=np.float32)
         ivar = np.asarray(ivar, dtype=np.float32)
         if flux.ndim != 2 or flux.shape != ivar.shape or flux.shape[1] != self.n_pix:
             raise ValueError(f"flux and ivar must both be (n_star, {self.n_pix}); got {flux.shape} and {ivar.shape}")
+        cfg = self.config
+        cov_out = cfg.covariance if return_covariance is None else return_covariance
         n, L = len(flux), self.n_labels
-        good = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+        with np.errstate(invalid="ignore"):
+            good = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
         if mask is not None:
             good &= ~np.asarray(mask, dtype=bool)
-        good &= self.in_segment.cpu().numpy()[None]
+        good &= self.usable.cpu().numpy()[None]
         n_good = good.sum(1)
-        res = FitResult(self.label_names, np.full((n, L), np.nan), np.full((n, L), np.nan),
-                        np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, np.int64),
-                        np.zeros(n, np.int64), np.full((n, self.n_cont), np.nan), np.full(n, np.nan),
-                        np.full((n, self.n_par, self.n_par), np.nan) if return_covariance else None)
+        nan = lambda *shape: np.full(shape, np.nan)  # noqa: E731
+        res = FitResult(self.label_names, nan(n, L), nan(n, L), nan(n), nan(n), nan(n), np.zeros(n, np.int64),
+                        np.zeros(n, np.int64), nan(n, self.n_cont), nan(n),
+                        nan(n, L + 1, L + 1) if cov_out else None)
+        if cfg.fit_vsini:
+            res.vsini, res.vsini_err = nan(n), nan(n)
+        if cfg.fit_lsf:
+            res.resolution, res.resolution_err = nan(n), nan(n)
         with np.errstate(invalid="ignore"):
             snr_pix = np.where(good, np.abs(flux) * np.sqrt(np.where(good, ivar, 0)), np.nan)
-        all_nan = ~np.isfinite(snr_pix).any(1)
-        res.snr[~all_nan] = np.nanmedian(snr_pix[~all_nan], axis=1)
+        has = np.isfinite(snr_pix).any(1)
+        res.snr[has] = np.nanmedian(snr_pix[has], axis=1)
         res.flags[n_good == 0] |= Flag.BAD_INPUT
-        res.flags[(n_good > 0) & (n_good < self.config.min_good_pixels)] |= Flag.FEW_PIXELS
-        todo = np.flatnonzero(n_good >= self.config.min_good_pixels)
+        res.flags[(n_good > 0) & (n_good < cfg.min_good_pixels)] |= Flag.FEW_PIXELS
+        todo = np.flatnonzero(n_good >= cfg.min_good_pixels)
         d_all = np.where(good, flux, 0).astype(np.float32)
         w_all = np.where(good, ivar, 0).astype(np.float32)
-        bs = max(int(self.config.batch_size), 1)
-        for lo in range(0, len(todo), bs):
-            idx = todo[lo:lo + bs]
-            try:
-                self._fit_batch(idx, d_all[idx], w_all[idx], res)
-            except (RuntimeError, torch.linalg.LinAlgError):
-                # One bad batch must not sink the others: refit its stars one by one.
-                for i in idx:
-                    try:
-                        self._fit_batch(np.array([i]), d_all[[i]], w_all[[i]], res)
-                    except (RuntimeError, torch.linalg.LinAlgError):
-                        res.flags[i] |= Flag.FIT_ERROR
-        res.flags[np.isfinite(res.snr) & (res.snr < self.config.low_snr)] |= Flag.LOW_SNR
+        bs = max(int(cfg.batch_size), 1)
+        with torch.no_grad():
+            for lo in range(0, len(todo), bs):
+                idx = todo[lo:lo + bs]
+                try:
+                    self._fit_batch(idx, d_all[idx], w_all[idx], res)
+                except (RuntimeError, torch.linalg.LinAlgError) as e:
+                    # One bad batch must not sink the others: refit its stars one by one.
+                    warnings.warn(f"fit kernel: a batch of {len(idx)} stars failed ({e.__class__.__name__}: "
+                                  f"{str(e)[:200]}); refitting them one by one", RuntimeWarning, stacklevel=2)
+                    for i in idx:
+                        try:
+                            self._fit_batch(np.array([i]), d_all[[i]], w_all[[i]], res)
+                        except (RuntimeError, torch.linalg.LinAlgError):
+                            res.flags[i] |= Flag.FIT_ERROR
+        res.flags[np.isfinite(res.snr) & (res.snr < cfg.low_snr)] |= Flag.LOW_SNR
         return res
 
     @torch.no_grad()
-    def model_flux(self, labels, rv_kms, continuum) -> np.ndarray:
-        """Best-fit model on the observed pixels: labels (n, n_labels) physical, rv (n,), continuum (n, n_cont)."""
-        lab = torch.as_tensor(np.atleast_2d(labels), dtype=torch.float64, device=self.device)
-        x = self.model.scale(lab.cpu()).to(self.device)
-        p = torch.cat([x, torch.as_tensor(np.atleast_1d(rv_kms), dtype=torch.float64, device=self.device)[:, None],
-                       torch.as_tensor(np.atleast_2d(continuum), dtype=torch.float64, device=self.device)], 1)
-        m, _ = self._evaluate(p, jac=False)
+    def model_flux(self, labels, rv_kms, continuum, vsini_kms=None, resolution=None) -> np.ndarray:
+        """Model on the observed pixels (n, n_pix): labels (n, n_labels) physical, rv (n,) km/s, continuum (n, n_cont).
+
+        vsini_kms / resolution: broadening, for fitters that fit it (default: none / the nominal R).
+        """
+        p = self.params_from(labels, rv_kms, continuum, vsini_kms, resolution)
+        m, _ = self.fwd.evaluate(p, jac=False)
         return m.double().cpu().numpy()
 
-    # ------------------------------------------------------------------ model evaluation
-    def _interp_index(self, v: torch.Tensor):
-        """Working-grid index and weight of every observed pixel at velocities v (n,) km/s."""
-        g = self.grid
-        b = v / C_KMS
-        shift = 0.5 * (torch.log10(1 + b) - torch.log10(1 - b)) / g.step_dex      # (n,)
-        u = self.u0[None] - shift[:, None]                                         # (n, n_pix)
-        u = torch.nan_to_num(u, nan=0.0).clamp(0, g.n_work - 1.000001)
-        i = u.floor().long()
-        f = (u - i).to(self.dtype)
-        return i, f
-
-    def _evaluate(self, p: torch.Tensor, jac: bool):
-        """Model (n, n_pix) and, if jac, its Jacobian (n, n_pix, n_par), at parameters p (n, n_par) float64."""
-        L = self.n_labels
-        x, v, c = p[:, :L], p[:, L], p[:, L + 1:]
-        i, f = self._interp_index(v)
-        cont = (c.to(self.dtype) @ self.basis.T) if self.fit_continuum else torch.ones_like(f)
-        if not jac:
-            y = self.work(x.to(self.dtype))
-            y0, y1 = y.gather(1, i), y.gather(1, i + 1)
-            return cont * ((1 - f) * y0 + f * y1), None
-        y, jy = self.work.value_and_jacobian(x.to(self.dtype))                          # (n, W), (n, W, L)
-        y0, y1 = y.gather(1, i), y.gather(1, i + 1)
-        flux = (1 - f) * y0 + f * y1
-        ie = i[:, :, None].expand(-1, -1, L)
-        jf = (1 - f)[:, :, None] * jy.gather(1, ie) + f[:, :, None] * jy.gather(1, ie + 1)
-        # d shift / dv = 1 / (ln10 * c * (1 - b^2)) / step; u = u0 - shift
-        b = v / C_KMS
-        dshift = (1.0 / (LN10 * C_KMS * (1 - b * b) * self.grid.step_dex)).to(self.dtype)
-        jv = -cont * (y1 - y0) * dshift[:, None]
-        jc = flux[:, :, None] * self.basis[None]
-        jac_full = torch.cat([cont[:, :, None] * jf, jv[:, :, None], jc], dim=2)
-        return cont * flux, jac_full
+    def params_from(self, labels, rv_kms, continuum=None, vsini_kms=None, resolution=None) -> torch.Tensor:
+        """Parameter vectors (n, n_par) float64 from physical labels, RV, continuum and broadening."""
+        lab = torch.as_tensor(np.atleast_2d(np.asarray(labels, np.float64)))
+        x = self.model.scale(lab).numpy()
+        n = len(x)
+        p = torch.zeros(n, self.n_par, dtype=torch.float64, device=self.device)
+        p[:, : self.lmap.n_theta] = torch.as_tensor(self.lmap.from_x(x), device=self.device)
+        p[:, self.fwd.i_v] = torch.as_tensor(np.broadcast_to(np.asarray(rv_kms, np.float64), (n,)).copy(),
+                                             device=self.device)
+        if continuum is None:
+            p[:, self.fwd.i_c:] = self._unit_cont(n)
+        else:
+            p[:, self.fwd.i_c:] = torch.as_tensor(np.atleast_2d(np.asarray(continuum, np.float64)), device=self.device)
+        if self.fwd.i_q is not None:
+            v = np.zeros(n) if vsini_kms is None else np.broadcast_to(np.asarray(vsini_kms, np.float64), (n,))
+            p[:, self.fwd.i_q] = torch.as_tensor(v * v, device=self.device)
+        if self.fwd.i_s is not None:
+            if resolution is None:
+                p[:, self.fwd.i_s] = self.s_start
+            else:
+                sig = C_KMS / (FWHM_PER_SIGMA * np.broadcast_to(np.asarray(resolution, np.float64), (n,)))
+                p[:, self.fwd.i_s] = torch.as_tensor(np.maximum(sig**2 - (self.sigma_base_kms or 0) ** 2, 0),
+                                                     device=self.device)
+        return p
 
     # ------------------------------------------------------------------ start
     def _poly_continuum(self, d, w, shape):
         """Weighted least-squares continuum coefficients of d ~ (basis @ c) * shape: (n, n_cont) float64."""
-        a = self.basis[None] * shape[:, :, None]                                   # (n, n_pix, n_cont)
-        aw = a * w[:, :, None]
-        lhs = (aw.transpose(1, 2) @ a).double()
-        rhs = (aw.transpose(1, 2) @ d[:, :, None]).double()[:, :, 0]
+        a = self.fwd.basis_t[None] * shape[:, None, :]                              # (n, n_cont, n_pix)
+        aw = a * w[:, None, :]
+        lhs = (aw @ a.transpose(1, 2)).double()
+        rhs = (aw @ d[:, :, None]).double()[:, :, 0]
         lhs = lhs + 1e-9 * torch.diag_embed(lhs.diagonal(dim1=1, dim2=2).abs() + 1e-12)
         return torch.linalg.solve(lhs, rhs)
-
-    def _rv_ccf(self, dn, wn):
-        """RV (n,) km/s from a chi^2-weighted cross-correlation with a few templates.
-
-        Observed pixels are binned to their nearest working pixel at rest, so the correlation over
-        every integer shift is one matrix product per template.
-        """
-        n = len(dn)
-        g = self.grid
-        idx = self.u0.round().long().clamp(0, g.n_work - 1)
-        data = torch.zeros(n, g.n_work, dtype=dn.dtype, device=self.device).index_add_(1, idx, wn * (dn - 1))
-        wts = torch.zeros(n, g.n_work, dtype=dn.dtype, device=self.device).index_add_(1, idx, wn)
-        k = self.max_shift
-        shifts = torch.arange(-k, k + 1, device=self.device)
-        src = torch.arange(g.n_work, device=self.device)[:, None] - shifts[None]      # (W, 2k+1)
-        inside = (src >= 0) & (src < g.n_work)
-        src = src.clamp(0, g.n_work - 1)
-        best_val = torch.full((n,), -np.inf, device=self.device)
-        best_shift = torch.zeros(n, dtype=torch.float64, device=self.device)
-        for t in self.templates:
-            tm = (t[src] - 1) * inside * self.work_ok[src]                             # (W, 2k+1)
-            ccf = data @ tm                                                           # (n, 2k+1)
-            norm = (wts @ (tm * tm)).clamp_min(1e-20)
-            crit = torch.where(ccf > 0, ccf * ccf / norm, torch.zeros_like(ccf))
-            val, j = crit.max(1)
-            # Parabola through the peak and its neighbours for a sub-pixel shift.
-            jl, jr = (j - 1).clamp(0, 2 * k), (j + 1).clamp(0, 2 * k)
-            cl, c0, cr = crit.gather(1, jl[:, None])[:, 0], val, crit.gather(1, jr[:, None])[:, 0]
-            den = cl - 2 * c0 + cr
-            off = torch.where((den < 0) & (j > 0) & (j < 2 * k), 0.5 * (cl - cr) / den, torch.zeros_like(den))
-            sh = shifts[j].double() + off.double().clamp(-1, 1)
-            better = val > best_val
-            best_val = torch.where(better, val, best_val)
-            best_shift = torch.where(better, sh, best_shift)
-        # Invert shift = log10(doppler(v)) / step for v.
-        r = 10.0 ** (2 * best_shift * g.step_dex)
-        return C_KMS * (r - 1) / (r + 1)
-
-    def _library_start(self, dn, wn, v, k: int):
-        """Indices (n, k) of the k library spectra with the lowest chi^2 (free scale) at velocity v."""
-        i, f = self._interp_index(v)
-        near = torch.where(f > 0.5, i + 1, i)
-        n = len(dn)
-        data = torch.zeros(n, self.grid.n_work, dtype=dn.dtype, device=self.device).scatter_add_(1, near, wn * dn)
-        wts = torch.zeros(n, self.grid.n_work, dtype=dn.dtype, device=self.device).scatter_add_(1, near, wn)
-        s1 = data @ self.lib.T                                                       # (n, K)
-        s2 = (wts @ (self.lib * self.lib).T).clamp_min(1e-20)
-        crit = torch.where(s1 > 0, s1 * s1 / s2, torch.zeros_like(s1))
-        return crit.topk(min(k, crit.shape[1]), dim=1).indices
-
-    # ------------------------------------------------------------------ LM
-    def _initial_params(self, d, w, x0, v0):
-        """Parameter vector (n, n_par) from start labels and RV, continuum by linear least squares."""
-        n, L = len(d), self.n_labels
-        p = torch.cat([x0, v0[:, None], self._unit_cont(n)], 1)
-        for i, xv in self.x_fixed.items():
-            p[:, i] = xv
-        if self.fit_continuum:
-            shape, _ = self._evaluate(p, jac=False)
-            p[:, L + 1:] = self._poly_continuum(d, w, shape / (p[:, L + 1:].to(self.dtype) @ self.basis.T))
-        return p
-
-    def _fit_batch(self, idx, d_np, w_np, res: FitResult):
-        """Start, LM, restarts for poor fits, then errors and flags into ``res`` rows ``idx``."""
-        cfg, dev, L = self.config, self.device, self.n_labels
-        d = torch.as_tensor(d_np, device=dev).to(self.dtype)
-        w = torch.as_tensor(w_np, device=dev).to(self.dtype)
-        n = len(d)
-        # Continuum of the data alone, then RV, then the library start.
-        if self.fit_continuum:
-            cont0 = self._poly_continuum(d, w, torch.ones_like(d)).to(self.dtype) @ self.basis.T
-        else:
-            cont0 = torch.ones_like(d)
-        okc = cont0 > 0
-        dn = torch.where(okc, d / cont0.clamp_min(1e-30), torch.zeros_like(d))
-        wn = torch.where(okc, w * cont0 * cont0, torch.zeros_like(w))
-        v0 = self._rv_ccf(dn, wn)
-        cand = self._library_start(dn, wn, v0, max(cfg.n_starts, 1))                  # (n, k)
-        p = self._initial_params(d, w, self.lib_x[cand[:, 0]].double(), v0)
-        # Pixels the model cannot reach at the start velocity get no weight; model variance
-        # (emulator error) is added to the data variance here, once.
-        i0, _ = self._interp_index(p[:, L])
-        reach = self.work_ok[i0] & self.work_ok[(i0 + 1).clamp(max=self.grid.n_work - 1)]
-        cont_start = (p[:, L + 1:].to(self.dtype) @ self.basis.T) if self.fit_continuum else torch.ones_like(d)
-        mvar = self.work_var[i0] * cont_start * cont_start
-        w = torch.where(reach, w / (1 + w * mvar), torch.zeros_like(w))
-        dof = ((w > 0).sum(1).double() - self.free.sum().double()).clamp_min(1)
-
-        p, chi2, A, conv, n_iter = self._lm(d, w, p)
-        # Restarts: a chi^2 far above what noise allows (or no convergence) means a local minimum
-        # or a bad start; try the next library candidates and keep the best.
-        for k in range(1, cand.shape[1]):
-            poor = ((chi2 / dof) > 1 + cfg.restart_sigma * torch.sqrt(2 / dof)) | ~conv
-            sel = torch.nonzero(poor).flatten()
-            if len(sel) == 0:
-                break
-            p2 = self._initial_params(d[sel], w[sel], self.lib_x[cand[sel, k]].double(), p[sel, L].clone())
-            q, c2, A2, cv2, it2 = self._lm(d[sel], w[sel], p2)
-            n_iter[sel] += it2
-            better = c2 < chi2[sel]
-            s_b = sel[better]
-            p[s_b], chi2[s_b], A[s_b], conv[s_b] = q[better], c2[better], A2[better], cv2[better]
-        self._finish(idx, p, chi2, A, conv, n_iter, w, dof, res)
-
-    def _lm(self, d, w, p):
-        """Levenberg-Marquardt from p (n, n_par) float64; returns p, chi2, J^T W J, converged, n_iter."""
-        cfg, dev, L = self.config, self.device, self.n_labels
-        n = len(d)
-        lo = torch.full((self.n_par,), -np.inf, dtype=torch.float64, device=dev)
-        hi = torch.full((self.n_par,), np.inf, dtype=torch.float64, device=dev)
-        lo[:L], hi[:L] = -0.5, 0.5
-        lo[L], hi[L] = -cfg.v_max_kms, cfg.v_max_kms
-        p = torch.minimum(torch.maximum(p, lo), hi)
-        lam = torch.full((n,), cfg.lambda_init, dtype=torch.float64, device=dev)
-        chi2 = torch.zeros(n, dtype=torch.float64, device=dev)
-        A = torch.zeros(n, self.n_par, self.n_par, dtype=torch.float64, device=dev)
-        grad = torch.zeros(n, self.n_par, dtype=torch.float64, device=dev)
-        need = torch.ones(n, dtype=torch.bool, device=dev)
-        active = torch.ones(n, dtype=torch.bool, device=dev)
-        converged = torch.zeros(n, dtype=torch.bool, device=dev)
-        n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
-        for _ in range(cfg.max_iter):
-            act = torch.nonzero(active).flatten()
-            if len(act) == 0:
-                break
-            upd = act[need[act]]
-            if len(upd):
-                A[upd], grad[upd], chi2[upd] = self._normal_equations(p[upd], d[upd], w[upd])
-                need[upd] = False
-            pa, Aa, ga = p[act], A[act], grad[act]
-            # Parameters held: fixed ones, and bounded ones pushing outward (projected LM).
-            hold = ~self.free[None].expand(len(act), -1).clone()
-            hold |= (pa <= lo + 1e-9) & (ga < 0)
-            hold |= (pa >= hi - 1e-9) & (ga > 0)
-            diag = Aa.diagonal(dim1=1, dim2=2).clamp_min(1e-12)
-            M = Aa + lam[act, None, None] * torch.diag_embed(diag)
-            keep = (~hold).double()
-            M = M * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(hold.double())
-            step = torch.linalg.solve(M, (ga * keep)[:, :, None])[:, :, 0]
-            trial = torch.minimum(torch.maximum(pa + step, lo), hi)
-            mt, _ = self._evaluate(trial, jac=False)
-            chi2_t = ((d[act] - mt).double() ** 2 * w[act].double()).sum(1)
-            ok = torch.isfinite(chi2_t) & (chi2_t <= chi2[act])
-            gain = chi2[act] - chi2_t
-            n_iter[act] += 1
-            p[act] = torch.where(ok[:, None], trial, pa)
-            chi2[act] = torch.where(ok, chi2_t, chi2[act])
-            need[act] = ok
-            lam[act] = torch.where(ok, (lam[act] / 5).clamp_min(1e-7), lam[act] * 10)
-            # Converged: an accepted step that barely changed chi^2, or steps that fail even
-            # with heavy damping (already at the minimum to numerical precision).
-            done = (ok & (gain < cfg.chi2_tol)) | (lam[act] > 1e9)
-            converged[act] |= done
-            active[act] &= ~done
-        # Curvature at the solution for stars whose last step was accepted.
-        upd = torch.nonzero(need).flatten()
-        if len(upd):
-            A[upd], _, chi2[upd] = self._normal_equations(p[upd], d[upd], w[upd])
-        return p, chi2, A, converged, n_iter
-
-    def _normal_equations(self, p, d, w):
-        """J^T W J (n, P, P), J^T W r (n, P) and chi^2 (n,) at p, in float64."""
-        m, jac = self._evaluate(p, jac=True)
-        jd, wd = jac.double(), w.double()
-        r = (d - m).double()
-        jw = jd * wd[:, :, None]
-        return jw.transpose(1, 2) @ jd, (jw.transpose(1, 2) @ r[:, :, None])[:, :, 0], (r * r * wd).sum(1)
-
-    def _finish(self, idx, p, chi2, A, converged, n_iter, w, dof, res: FitResult):
-        """Errors from (J^T W J)^-1, physical units and flags into ``res`` rows ``idx``."""
-        cfg, dev, L = self.config, self.device, self.n_labels
-        n = len(p)
-        held = ~self.free
-        keep = (~held).double()
-        Af = A * keep[None, :, None] * keep[None, None, :] + torch.diag_embed(held.double()[None].expand(n, -1))
-        cov = torch.linalg.pinv(Af, hermitian=True) * keep[None, :, None] * keep[None, None, :]
-        var = cov.diagonal(dim1=1, dim2=2).clamp_min(0)
-        span = torch.as_tensor(self.model.label_span, dtype=torch.float64, device=dev)
-        x = p[:, :L]
-        flags = np.zeros(n, np.int64)
-        at_bound = ((x <= -0.5 + 1e-6) | (x >= 0.5 - 1e-6)) & self.free[None, :L]
-        flags[at_bound.any(1).cpu().numpy()] |= Flag.AT_LABEL_BOUND
-        flags[(p[:, L].abs() >= cfg.v_max_kms - 1e-3).cpu().numpy()] |= Flag.RV_AT_BOUND
-        flags[(~converged).cpu().numpy()] |= Flag.NOT_CONVERGED
-        chi2_red = (chi2 / dof).cpu().numpy()
-        flags[chi2_red > cfg.chi2_red_high] |= Flag.CHI2_HIGH
-        res.labels[idx] = self.model.unscale(x.cpu()).numpy()
-        res.errors[idx] = (var[:, :L].sqrt() * span).cpu().numpy()
-        res.rv[idx] = p[:, L].cpu().numpy()
-        res.rv_err[idx] = var[:, L].sqrt().cpu().numpy()
-        res.chi2_red[idx] = chi2_red
-        res.n_iter[idx] = n_iter.cpu().numpy()
-        res.flags[idx] |= flags
-        res.continuum[idx] = p[:, L + 1:].cpu().numpy()
-        if res.covariance is not None:
-            res.covariance[idx] = cov.cpu().numpy()
 
     def _unit_cont(self, n):
         """Continuum coefficients of a flat continuum at 1 (T_0 = 1 in every segment)."""
@@ -438,6 +410,208 @@ class SpectrumFitter:
         else:
             c[:, 0] = 1.0
         return c
+
+    def _initial_params(self, d, w, theta0, v0, q0=None):
+        """Parameter vectors (n, n_par) from start labels and RV; continuum by linear least squares."""
+        n = len(d)
+        p = torch.zeros(n, self.n_par, dtype=torch.float64, device=self.device)
+        p[:, : self.lmap.n_theta] = theta0
+        p[:, self.fwd.i_v] = v0
+        p[:, self.fwd.i_c:] = self._unit_cont(n)
+        if self.fwd.i_q is not None and q0 is not None:
+            p[:, self.fwd.i_q] = q0
+        if self.fwd.i_s is not None:
+            p[:, self.fwd.i_s] = self.s_start
+        if self.fit_continuum:
+            p[:, self.fwd.i_c:] = self._poly_continuum(d, w, self.fwd.shape(p))
+        return p
+
+    def _vsini_start(self, d, w, p):
+        """q = vsini^2 start from a few trial values (chi^2 with the continuum refitted): (n,) float64."""
+        trials = torch.tensor([0.0, 30.0, 80.0, 150.0, 250.0], dtype=torch.float64, device=self.device)
+        trials = trials[trials <= self.config.vsini_max_kms] ** 2
+        best_c, best_q = None, torch.zeros(len(p), dtype=torch.float64, device=self.device)
+        for q in trials:
+            pq = p.clone()
+            pq[:, self.fwd.i_q] = q
+            shape = self.fwd.shape(pq)
+            if self.fit_continuum:
+                pq[:, self.fwd.i_c:] = self._poly_continuum(d, w, shape)
+            m = shape * self.fwd.continuum(pq)
+            c2 = ((d - m).double() ** 2 * w.double()).sum(1)
+            if best_c is None:
+                best_c, best_q = c2, torch.full_like(c2, float(q))
+            else:
+                better = c2 < best_c
+                best_c = torch.where(better, c2, best_c)
+                best_q = torch.where(better, torch.full_like(c2, float(q)), best_q)
+        return best_q
+
+    # ------------------------------------------------------------------ one batch
+    def _fit_batch(self, idx, d_np, w_np, res: FitResult):
+        cfg, dev = self.config, self.device
+        fwd = self.fwd
+        d = torch.as_tensor(d_np, device=dev).to(self.dtype)
+        w = torch.as_tensor(w_np, device=dev).to(self.dtype)
+        n = len(d)
+        if self.fit_continuum:
+            cont0 = self._poly_continuum(d, w, torch.ones_like(d)).to(self.dtype) @ fwd.basis_t
+        else:
+            cont0 = torch.ones_like(d)
+        okc = cont0 > 0
+        dn = torch.where(okc, d / cont0.clamp_min(1e-30), torch.zeros_like(d))
+        wn = torch.where(okc, w * cont0 * cont0, torch.zeros_like(w))
+        v0, ccf_gain = self.start.rv(dn, wn)
+        v0 = v0.clamp(-cfg.v_max_kms, cfg.v_max_kms)
+        k = max(int(cfg.n_starts), int(cfg.starts_always), 1)
+        cand = self.start.library(dn, wn, v0, k)                                      # (n, k)
+
+        # Pixels the model cannot reach at the start velocity get no weight; the model variance
+        # (emulator error) joins the data variance, once, with the start continuum.
+        reach = fwd.reach(v0)
+        mvar = self.work_var[fwd.pixel_index(v0)] * cont0 * cont0
+        w = torch.where(reach, w / (1 + w * mvar), torch.zeros_like(w))
+        dof = ((w > 0).sum(1).double() - self.free.sum().double()).clamp_min(1)
+
+        n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
+        best = self._run_start(d, w, cand[:, 0], v0)
+        n_iter += best.n_iter
+        # More starts (the next library candidates): for every star up to ``starts_always``, and up to
+        # ``n_starts`` for any star that would be flagged CHI2_HIGH or NOT_CONVERGED (a local minimum or
+        # a bad start); the lowest chi^2 wins.
+        for j in range(1, cand.shape[1]):
+            chi2_red = best.chi2 / dof
+            poor = (chi2_red > cfg.chi2_red_high) & (chi2_red > 1 + cfg.chi2_sigma_high * torch.sqrt(2 / dof))
+            sel = torch.arange(n, device=dev) if j < cfg.starts_always else torch.nonzero(poor | ~best.converged).flatten()
+            if len(sel) == 0:
+                break
+            st = self._run_start(d[sel], w[sel], cand[sel, j], v0[sel])
+            n_iter[sel] += st.n_iter
+            better = st.chi2 < best.chi2[sel] - 1e-9
+            s_b = sel[better]
+            for name in ("p", "A", "g", "chi2", "converged", "decrement"):
+                getattr(best, name)[s_b] = getattr(st, name)[better]
+        self._finish(idx, best, n_iter, w, dof, ccf_gain, res)
+
+    def _run_start(self, d, w, cand, v0):
+        """LM from library entries cand (n,) at RV v0 (n,)."""
+        cfg, fwd = self.config, self.fwd
+        p0 = self._initial_params(d, w, self.lib_theta[cand], v0)
+        if fwd.i_q is not None:
+            p0[:, fwd.i_q] = self._vsini_start(d, w, p0)
+            if self.fit_continuum:
+                p0[:, fwd.i_c:] = self._poly_continuum(d, w, fwd.shape(p0))
+        sm = self.sel_main
+        if cfg.start_max_iter > 0 and len(self.main) < self.lmap.n_theta:
+            st1 = levenberg_marquardt(self.fwd_main, d, w, p0[:, sm], free=self.free[sm], lo=self.lo[sm], hi=self.hi[sm],
+                                      max_iter=cfg.start_max_iter, tol=cfg.start_chi2_tol, lambda_init=cfg.lambda_init)
+            p0[:, sm] = st1.p
+        st = levenberg_marquardt(fwd, d, w, p0, free=self.free, lo=self.lo, hi=self.hi, max_iter=cfg.max_iter,
+                                 tol=cfg.chi2_tol, lambda_init=cfg.lambda_init)
+        if cfg.start_max_iter > 0 and len(self.main) < self.lmap.n_theta:
+            st.n_iter += st1.n_iter
+        return st
+
+    # ------------------------------------------------------------------ results
+    def _finish(self, idx, st, n_iter, w, dof, ccf_gain, res: FitResult):
+        """Errors from (J^T W J)^-1, physical units and flags into ``res`` rows ``idx``."""
+        cfg, dev, lm, fwd = self.config, self.device, self.lmap, self.fwd
+        n, K = len(st.p), lm.n_theta
+        p = st.p
+        cov, cov_lv = self.covariance(st.A)
+        var = cov_lv.diagonal(dim1=1, dim2=2).clamp_min(0)
+        x = torch.as_tensor(lm.offset, dtype=torch.float64, device=dev)[None] + p[:, :K] @ torch.as_tensor(
+            lm.matrix, dtype=torch.float64, device=dev).T
+
+        flags = np.zeros(n, np.int64)
+        th = p[:, :K]
+        lo, hi = self.lo[:K], self.hi[:K]
+        at_bound = ((th <= lo + 1e-6) | (th >= hi - 1e-6)).cpu().numpy()
+        flags[at_bound.any(1)] |= Flag.AT_LABEL_BOUND
+        bits = np.zeros(n, np.int64)
+        for k, grp in enumerate(lm.groups):
+            for i in grp:
+                bits[at_bound[:, k]] |= np.int64(1) << np.int64(i)
+        res.labels_at_bound[idx] = bits
+        flags[(p[:, fwd.i_v].abs() >= cfg.v_max_kms - 1e-3).cpu().numpy()] |= Flag.RV_AT_BOUND
+        flags[(~st.converged).cpu().numpy()] |= Flag.NOT_CONVERGED
+        chi2_red = (st.chi2 / dof).cpu().numpy()
+        significant = chi2_red > 1 + cfg.chi2_sigma_high * np.sqrt(2 / dof.cpu().numpy())
+        flags[(chi2_red > cfg.chi2_red_high) & significant] |= Flag.CHI2_HIGH
+        rv_err = var[:, -1].sqrt()
+        rv_bad = ~torch.isfinite(rv_err) | (rv_err > cfg.rv_err_max_kms) | (ccf_gain < cfg.rv_min_ccf_delta_chi2)
+        flags[rv_bad.cpu().numpy()] |= Flag.RV_FAILED
+        for i_b in (fwd.i_q, fwd.i_s):
+            if i_b is not None:
+                flags[(p[:, i_b] >= self.hi[i_b] * (1 - 1e-6)).cpu().numpy()] |= Flag.BROADENING_AT_BOUND
+        if self._train_x is not None and self._train_x.shape[1] > 0:
+            xf = x[:, torch.as_tensor(self._far_labels, device=dev)]
+            nn = torch.cdist(xf, self._train_x).min(1).values
+            flags[(nn > cfg.far_from_training * self.nn_ref).cpu().numpy()] |= Flag.FAR_FROM_TRAINING
+
+        res.labels[idx] = self.model.unscale(x.cpu()).numpy()
+        res.errors[idx] = var[:, : self.n_labels].sqrt().cpu().numpy()
+        res.rv[idx] = p[:, fwd.i_v].cpu().numpy()
+        res.rv_err[idx] = rv_err.cpu().numpy()
+        res.chi2_red[idx] = chi2_red
+        res.n_iter[idx] = n_iter.cpu().numpy()
+        res.flags[idx] |= flags
+        res.continuum[idx] = p[:, fwd.i_c:].cpu().numpy()
+        if res.covariance is not None:
+            res.covariance[idx] = cov_lv.cpu().numpy()
+        if fwd.i_q is not None:
+            q, sq = p[:, fwd.i_q].clamp_min(0), cov[:, fwd.i_q, fwd.i_q].clamp_min(0)
+            res.vsini[idx] = q.sqrt().cpu().numpy()
+            res.vsini_err[idx] = ((q + sq.sqrt()).sqrt() - q.sqrt()).cpu().numpy()
+        if fwd.i_s is not None:
+            s, ss = p[:, fwd.i_s].clamp_min(0), cov[:, fwd.i_s, fwd.i_s].clamp_min(0).sqrt()
+            sig2 = (self.sigma_base_kms or 0.0) ** 2 + s
+            r = C_KMS / (FWHM_PER_SIGMA * sig2.sqrt())
+            res.resolution[idx] = r.cpu().numpy()
+            res.resolution_err[idx] = (r / (2 * sig2) * ss).cpu().numpy()
+
+    def covariance(self, A: torch.Tensor):
+        """Covariances from J^T W J (n, P, P): of the parameters (n, P, P; 0 for held ones) and of
+        the labels in physical units plus RV (n, n_labels + 1, n_labels + 1)."""
+        n = len(A)
+        keep = self.free.double()
+        Af = A * keep[None, :, None] * keep[None, None, :] + torch.diag_embed((1 - keep)[None].expand(n, -1))
+        cov = torch.linalg.pinv(Af, hermitian=True) * keep[None, :, None] * keep[None, None, :]
+        # Labels: x = offset + T theta; physical = (x + 0.5) span + x_min.
+        span = torch.as_tensor(self.model.label_span, dtype=torch.float64, device=self.device)
+        T = torch.as_tensor(self.lmap.matrix, dtype=torch.float64, device=self.device)      # (L, K)
+        G = torch.zeros(self.n_labels + 1, self.n_par, dtype=torch.float64, device=self.device)
+        G[: self.n_labels, : self.lmap.n_theta] = T * span[:, None]
+        G[self.n_labels, self.fwd.i_v] = 1.0
+        return cov, G[None] @ cov @ G.T[None]
+
+    def fisher(self, p: torch.Tensor, ivar: torch.Tensor, usable: torch.Tensor | None = None) -> torch.Tensor:
+        """J^T W J (n, n_par, n_par) float64 at parameters p for inverse variances ivar (n, n_pix).
+
+        Pixels the fit would not use (masks, segments, model coverage at the star's RV, and
+        ``usable`` False) get no weight. The Jacobian is taken in float64 products.
+        """
+        m, jac = self.fwd.evaluate(p, jac=True)
+        ok = self.usable[None] & self.fwd.reach(p[:, self.fwd.i_v])
+        if usable is not None:
+            ok = ok & usable
+        w = torch.where(ok, ivar.to(m.dtype), torch.zeros_like(m))
+        A, _, _ = normal_equations(m, jac.double(), m, w)
+        return A
+
+
+def _segments_of(lam_obs, segments):
+    """The continuum segments as used for the observed pixels (the whole range when none are given)."""
+    if segments:
+        return segments
+    finite = lam_obs[np.isfinite(lam_obs)]
+    return ((float(finite.min()), float(finite.max())),)
+
+
+def _sparse_torch(matrix) -> torch.Tensor:
+    coo = matrix.tocoo()
+    return torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data, size=coo.shape, dtype=torch.float64,
+                                   check_invariants=False)
 
 
 def fit_spectra(model: Emulator, wavelength_aa, flux, ivar, *, mask=None, config: FitConfig | None = None,

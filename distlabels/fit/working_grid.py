@@ -8,8 +8,12 @@ line-spread function (Gaussian in ln(lambda), i.e. constant resolving power R). 
 each fit iteration evaluates the network directly on ~2 x n_obs pixels instead of 14,001.
 
 On a uniform log-lambda grid a radial velocity is a constant shift, so placing the model on the
-observed pixels is one linear interpolation per pixel with an offset shared by the whole star.
-The observed data are never resampled (that would correlate their noise).
+observed pixels is one interpolation per pixel (cubic, 4 taps) with an offset shared by the whole
+star, and broadening kernels (rotation, extra instrumental width) are convolutions
+(:mod:`.broadening`). When no line-spread function is needed (the data are at the model's
+resolution) the grid can instead be the model's own pixels (:func:`build_native_grid`), with linear
+interpolation as on the model's grid. The observed data are never resampled (that would correlate
+their noise).
 """
 from __future__ import annotations
 
@@ -33,29 +37,73 @@ def log10_doppler(v_kms):
 @dataclass(frozen=True)
 class WorkingGrid:
     log10_start: float          # log10(Angstrom) of working pixel 0 (vacuum, rest frame)
-    step_dex: float             # uniform step in log10(wavelength)
+    step_dex: float             # uniform step in log10(wavelength); for a native grid, the median step
     n_work: int
     covered: np.ndarray         # (n_work,) bool: the model fully covers this pixel's LSF
     projection: sp.csr_matrix   # (n_work, n_model) float64: model pixels -> working pixels
     sigma_ln: float | None      # Gaussian LSF sigma in ln(lambda); None: no broadening
+    native: np.ndarray | None = None  # (n_work,) log10 wavelengths when the grid is the model's own pixels
+    v_max_kms: float = 500.0    # |RV| the margins allow
+
+    @property
+    def uniform(self) -> bool:
+        return self.native is None
 
     @property
     def log10_wavelength(self) -> np.ndarray:
+        if self.native is not None:
+            return self.native
         return self.log10_start + self.step_dex * np.arange(self.n_work)
+
+    @property
+    def dv_kms(self) -> float:
+        """Velocity width of one working pixel (km/s); for a native grid, of the median pixel."""
+        return float(C_KMS * np.log(10.0) * self.step_dex)
 
     def position(self, log10_wavelength_obs: np.ndarray) -> np.ndarray:
         """Fractional working-grid index of observed pixels at zero velocity: (n_pix,) float64."""
-        return (np.asarray(log10_wavelength_obs) - self.log10_start) / self.step_dex
+        lw = np.asarray(log10_wavelength_obs, dtype=np.float64)
+        if self.native is not None:
+            return np.interp(lw, self.native, np.arange(self.n_work), left=-1.0, right=self.n_work)
+        return (lw - self.log10_start) / self.step_dex
+
+
+def build_native_grid(model_wavelength_vac_aa: np.ndarray, obs_wavelength_vac_aa: np.ndarray, *,
+                      v_max_kms: float = 500.0) -> WorkingGrid:
+    """The model's own pixels (those within reach of the observed range at |v| <= v_max) as the grid.
+
+    Used when no line-spread function has to be applied: the model is then interpolated linearly
+    at each (Doppler-shifted) observed pixel, exactly as on its native grid.
+    """
+    lam_m = np.asarray(model_wavelength_vac_aa, dtype=np.float64)
+    lam_o = np.asarray(obs_wavelength_vac_aa, dtype=np.float64)
+    ok = np.isfinite(lam_o) & (lam_o > 0)
+    if ok.sum() < 2:
+        raise ValueError("the observed wavelength grid has fewer than two valid pixels")
+    if np.any(np.diff(lam_m) <= 0):
+        raise ValueError("the model wavelength grid must increase strictly")
+    lm = np.log10(lam_m)
+    margin = float(log10_doppler(v_max_kms))
+    lo = max(int(np.searchsorted(lm, np.log10(lam_o[ok].min()) - margin)) - 3, 0)
+    hi = min(int(np.searchsorted(lm, np.log10(lam_o[ok].max()) + margin)) + 3, len(lm))
+    if hi - lo < 2:
+        raise ValueError("the observed wavelength grid does not overlap the model's")
+    rows = np.arange(hi - lo)
+    proj = sp.csr_matrix((np.ones(hi - lo), (rows, rows + lo)), shape=(hi - lo, len(lm)))
+    native = lm[lo:hi]
+    step = float(np.median(np.diff(native)))
+    return WorkingGrid(float(native[0]), step, hi - lo, np.ones(hi - lo, bool), proj, None, native, float(v_max_kms))
 
 
 def build_working_grid(model_wavelength_vac_aa: np.ndarray, obs_wavelength_vac_aa: np.ndarray, *,
                        resolution: float | None, model_resolution: float | None = None,
-                       oversample: int = 2, v_max_kms: float = 500.0) -> WorkingGrid:
+                       oversample: float = 2, v_max_kms: float = 500.0, pad_kms: float = 0.0) -> WorkingGrid:
     """Working grid and model->working projection for one observed grid.
 
     resolution: the observed spectra's resolving power R = lambda / FWHM (None: the model is
     already at the data's resolution, so only interpolate). model_resolution: the model's own R
-    (None: effectively infinite); the LSF applied is the quadrature difference.
+    (None: effectively infinite); the LSF applied is the quadrature difference. pad_kms: extra
+    margin on both ends (room for a broadening kernel).
     """
     lam_m = np.asarray(model_wavelength_vac_aa, dtype=np.float64)
     lam_o = np.asarray(obs_wavelength_vac_aa, dtype=np.float64)
@@ -67,7 +115,7 @@ def build_working_grid(model_wavelength_vac_aa: np.ndarray, obs_wavelength_vac_a
     log_o = np.log10(lam_o[ok])
     steps = np.diff(np.sort(log_o))
     step_obs = float(np.median(steps[steps > 0]))
-    step = step_obs / max(int(oversample), 1)
+    step = step_obs / max(float(oversample), 1.0)
 
     sigma_ln = None
     if resolution is not None and np.isfinite(resolution) and resolution > 0:
@@ -81,7 +129,7 @@ def build_working_grid(model_wavelength_vac_aa: np.ndarray, obs_wavelength_vac_a
     if sigma_ln is not None:
         sigma_ln = max(sigma_ln, float(np.max(np.diff(ln_m))))
 
-    margin = float(log10_doppler(v_max_kms)) + 4 * step
+    margin = float(log10_doppler(v_max_kms)) + float(log10_doppler(pad_kms)) + 4 * step
     start = float(log_o.min() - margin)
     n_work = int(np.ceil((log_o.max() + margin - start) / step)) + 2
     ln_w = (start + step * np.arange(n_work)) * np.log(10)
@@ -113,7 +161,7 @@ def build_working_grid(model_wavelength_vac_aa: np.ndarray, obs_wavelength_vac_a
         cols = kc.ravel()[valid.ravel()]
         vals = w.ravel()[valid.ravel()]
     proj = sp.csr_matrix((vals, (rows, cols)), shape=(n_work, len(lam_m)))
-    return WorkingGrid(start, step, n_work, covered, proj, sigma_ln)
+    return WorkingGrid(start, step, n_work, covered, proj, sigma_ln, None, float(v_max_kms))
 
 
 def chebyshev_basis(wavelength_aa: np.ndarray, segments, degree: int) -> tuple[np.ndarray, np.ndarray]:

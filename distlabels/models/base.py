@@ -140,6 +140,25 @@ class Emulator(torch.nn.Module):
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
         return self.value_and_jacobian(x)[1]
 
+    def value_and_jacobian_stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """Flux and Jacobian in one tensor, pixels last: (n, 1 + n_labels, n_pix).
+
+        Row 0 is the flux, row 1 + j its derivative with respect to scaled label j. This layout
+        (each star's rows contiguous along pixels) is what the fit kernel gathers and broadens;
+        kinds with a closed form produce it directly (one matrix product for an MLP).
+        """
+        y, jac = self.value_and_jacobian(x)
+        return torch.cat([y[:, None, :], jac.transpose(1, 2)], 1)
+
+    def with_inputs(self, matrix, offset) -> "Emulator":
+        """A model of parameters theta (n, k) with labels x = offset + theta @ matrix.T.
+
+        matrix: (n_labels, k), offset: (n_labels,), scaled units. The fit kernel uses it to fit a
+        subset of labels, fixed values and ties; MLP kinds fold it into their first layer so that
+        the Jacobian has k columns. The returned model's scaling is the identity on theta.
+        """
+        return InputMappedEmulator(self, matrix, offset)
+
     @torch.no_grad()
     def predict(self, labels, wavelength_aa=None) -> np.ndarray:
         """Physical labels (n, n_labels) -> flux (n, n_pix) as numpy.
@@ -239,10 +258,11 @@ class ProjectedEmulator(Emulator):
         self.register_buffer("matrix", m.to(torch.float32), persistent=False)
 
     def _apply_matrix(self, y):  # y (n, n_pix) or (n, n_pix, L)
+        m = self.matrix.to(y.dtype)
         if y.dim() == 2:
-            return (self.matrix @ y.T).T
+            return (m @ y.T).T
         n, p, L = y.shape
-        return (self.matrix @ y.permute(1, 0, 2).reshape(p, n * L)).reshape(-1, n, L).permute(1, 0, 2)
+        return (m @ y.permute(1, 0, 2).reshape(p, n * L)).reshape(-1, n, L).permute(1, 0, 2)
 
     def forward(self, x):
         return self._apply_matrix(self.base(x))
@@ -250,6 +270,32 @@ class ProjectedEmulator(Emulator):
     def value_and_jacobian(self, x):
         y, j = self.base.value_and_jacobian(x)
         return self._apply_matrix(y), self._apply_matrix(j)
+
+
+class InputMappedEmulator(Emulator):
+    """``base(offset + theta @ matrix.T)``: the generic fallback of :meth:`Emulator.with_inputs`."""
+
+    kind = "input-mapped"
+
+    def __init__(self, base: Emulator, matrix, offset):
+        m = torch.as_tensor(np.asarray(matrix, np.float64))
+        k = m.shape[1]
+        super().__init__(label_names=[f"theta{i}" for i in range(k)], x_min=np.full(k, -0.5), x_max=np.full(k, 0.5),
+                         wavelength_aa=base.wavelength, wavelength_medium=base.wavelength_medium,
+                         resolution=base.resolution, meta=base.meta)
+        self.base = base
+        self.register_buffer("matrix", m, persistent=False)
+        self.register_buffer("offset", torch.as_tensor(np.asarray(offset, np.float64)), persistent=False)
+
+    def _x(self, theta):
+        return (self.offset.to(theta) + theta @ self.matrix.to(theta).T)
+
+    def forward(self, theta):
+        return self.base(self._x(theta))
+
+    def value_and_jacobian(self, theta):
+        y, j = self.base.value_and_jacobian(self._x(theta))
+        return y, j @ self.matrix.to(j)
 
 
 def read_model_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -47,13 +47,13 @@ def test_jacobian_matches_finite_differences(bossbrain_model):
         c = torch.as_tensor(rng.normal(0, 0.1, (2, f.n_cont)))
         c[:, 0] += 1.0
         p = torch.cat([x, v, c], 1)
-        _, jac = f._evaluate(p, jac=True)
+        _, jac = f.fwd.evaluate(p, jac=True)
         for k in list(range(0, model.n_labels, 5)) + [model.n_labels, model.n_labels + 2]:
             h = 1e-6 if k != model.n_labels else 1e-4   # RV: stay inside one interpolation segment
             dp = torch.zeros_like(p)
             dp[:, k] = h
-            fd = (f._evaluate(p + dp, jac=False)[0] - f._evaluate(p - dp, jac=False)[0]) / (2 * h)
-            np.testing.assert_allclose(jac[:, :, k].numpy(), fd.numpy(), atol=1e-6 * float(fd.abs().max()) + 1e-9)
+            fd = (f.fwd.evaluate(p + dp, jac=False)[0] - f.fwd.evaluate(p - dp, jac=False)[0]) / (2 * h)
+            np.testing.assert_allclose(jac[:, k].numpy(), fd.numpy(), atol=1e-6 * float(fd.abs().max()) + 1e-9)
     finally:
         bossbrain_model.float()
 

@@ -1,0 +1,342 @@
+"""The forward model of the fit and its analytic Jacobian, batched over stars.
+
+Model of observed pixel p of star s (all wavelengths vacuum)::
+
+    model[s, p] = cont[s, p] * B(q_s, s_s)[F(theta_s)] (u_p - shift(v_s))
+    cont[s, p]  = sum_k c[s, k] * T_k(lambda_p)                 (Chebyshev per segment)
+
+``F`` is the emulator evaluated on the working grid (its resampling and line-spread function
+folded into the last layer, the label map into the first, see :mod:`.working_grid` and
+:mod:`.labels`), ``B`` the optional broadening (rotation q = vsini^2, extra Gaussian width
+s = sigma^2; :mod:`.broadening`), and ``(.)(u)`` interpolation at fractional working index ``u``
+(cubic, 4 taps, on a uniform log grid; linear on the model's native grid). ``shift(v)`` is
+log10 of the relativistic Doppler factor in working pixels.
+
+Parameters per star, in this order: ``[theta (n_theta), v (km/s), q (if fit_vsini),
+s (if fit_lsf), c (n_cont)]``. Every derivative is analytic: through the network
+(:meth:`~distlabels.models.base.Emulator.value_and_jacobian_stacked`), the Fourier-space
+broadening, the interpolation weights and the continuum. The network runs in its own precision
+(float32 by default); parameters, J^T W J and the solves are float64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..io.wavelength import C_KMS
+from .broadening import Broadener
+
+LN10 = float(np.log(10.0))
+
+
+def grid_v_max(grid) -> float:
+    """The |RV| range a working grid was built for (its margin), km/s."""
+    return float(getattr(grid, "v_max_kms", 500.0))
+
+
+def cubic_weights(f: torch.Tensor):
+    """Keys cubic convolution (a = -1/2) weights for taps -1, 0, 1, 2 and their derivatives in f."""
+    f2, f3 = f * f, f * f * f
+    w = (-0.5 * f3 + f2 - 0.5 * f, 1.5 * f3 - 2.5 * f2 + 1, -1.5 * f3 + 2 * f2 + 0.5 * f, 0.5 * f3 - 0.5 * f2)
+    dw = (-1.5 * f2 + 2 * f - 0.5, 4.5 * f2 - 5 * f, -4.5 * f2 + 4 * f + 0.5, 1.5 * f2 - f)
+    return w, dw
+
+
+@dataclass
+class Evaluation:
+    model: torch.Tensor            # (n, n_pix) cont * y
+    y: torch.Tensor                # (n, n_pix) normalised model
+    cont: torch.Tensor             # (n, n_pix)
+    light: torch.Tensor            # (n, 1 + n_extra, n_pix) d y / d (v, q, s)
+    jtheta: torch.Tensor | None    # (n, n_theta, n_pix) d y / d theta
+
+    def take(self, idx):
+        return Evaluation(self.model[idx], self.y[idx], self.cont[idx], self.light[idx],
+                          None if self.jtheta is None else self.jtheta[idx])
+
+
+class ForwardModel:
+    """Everything that maps a parameter vector to model fluxes on the observed pixels.
+
+    work: the emulator of theta on the working grid; grid: its :class:`WorkingGrid`;
+    log10_obs: (n_pix,) log10 vacuum wavelengths of the observed pixels; basis: (n_pix, n_cont)
+    continuum basis (a single column of ones for pre-normalised spectra).
+    """
+
+    def __init__(self, work, grid, log10_obs: np.ndarray, basis: np.ndarray, *, n_theta: int,
+                 fit_continuum: bool, broadener: Broadener | None, device, dtype):
+        self.work, self.grid = work, grid
+        self.device, self.dtype = device, dtype
+        self.n_theta = n_theta
+        self.fit_continuum = fit_continuum
+        self.broadener = broadener
+        self.n_extra = broadener.n_extra if broadener is not None else 0
+        self.n_cont = basis.shape[1]
+        self.i_v = n_theta
+        self.i_q = n_theta + 1 if broadener is not None and broadener.fit_vsini else None
+        self.i_s = n_theta + 1 + int(self.i_q is not None) if broadener is not None and broadener.fit_lsf else None
+        self.i_c = n_theta + 1 + self.n_extra
+        self.n_par = self.i_c + self.n_cont
+        self.basis = torch.as_tensor(basis, dtype=dtype, device=device)          # (n_pix, n_cont)
+        self.basis_t = self.basis.T.contiguous()                                 # (n_cont, n_pix)
+        self.covered = torch.as_tensor(grid.covered, device=device)
+        lo = torch.as_tensor(log10_obs, dtype=torch.float64, device=device)
+        self.log10_obs = lo
+        self.taps = 4 if grid.uniform else 2
+        self.n_work = grid.n_work
+        self.aligned = None
+        self.native_offset = None
+        if grid.uniform:
+            self.u0 = (lo - grid.log10_start) / grid.step_dex                     # (n_pix,) fractional index at v = 0
+            # Observed pixels every m working pixels (log-uniform surveys: LAMOST, SDSS/BOSS, APOGEE):
+            # then a star's interpolation weights are the same for all its pixels and the taps are
+            # strided slices instead of gathers (on CPU; a GPU does one batched gather better than
+            # thousands of small slices).
+            u0 = self.u0.cpu().numpy()
+            du = np.diff(u0)
+            if len(u0) > 1 and np.all(np.isfinite(u0)) and torch.device(device).type == "cpu":
+                m = int(round(float(np.median(du))))
+                if m >= 1 and np.all(np.abs(du - m) < 1e-4):
+                    self.aligned = (float(u0[0]), m)
+        else:
+            self.native = torch.as_tensor(grid.native, dtype=torch.float64, device=device)
+            # Index lookup on a uniform table finer than the smallest native step: O(1) per pixel
+            # instead of a binary search (the table cell's last native pixel, then at most one step).
+            nat = np.asarray(grid.native, np.float64)
+            h = 0.5 * float(np.min(np.diff(nat)))
+            n_tab = int(np.ceil((nat[-1] - nat[0]) / h)) + 2
+            tab = np.searchsorted(nat, nat[0] + h * np.arange(n_tab), side="right") - 1
+            self._lookup = (float(nat[0]), h, torch.as_tensor(np.clip(tab, 0, len(nat) - 2), device=device))
+            # On a smooth grid (a model's linear-in-lambda pixels) the fractional index of a pixel shifted
+            # by s dex is a quadratic in s to 1e-4 pixel over the RV range: u = u0 + a s + b s^2.
+            self._taylor = None
+            lobs = np.asarray(log10_obs, np.float64)
+            s_max = float(np.log10((1 + grid_v_max(grid) / 299792.458) / (1 - grid_v_max(grid) / 299792.458)) / 2)
+            if s_max > 0:
+                idx = np.arange(len(nat), dtype=np.float64)
+                u_at = lambda sh: np.interp(lobs - sh, nat, idx)          # noqa: E731
+                u0, up, um = u_at(0.0), u_at(s_max), u_at(-s_max)
+                a = (up - um) / (2 * s_max)
+                b = (up + um - 2 * u0) / (2 * s_max ** 2)
+                inside = (lobs - s_max > nat[0]) & (lobs + s_max < nat[-1])
+                err = max(np.max(np.abs(u_at(sh) - (u0 + a * sh + b * sh * sh))[inside], initial=0.0)
+                          for sh in (0.5 * s_max, -0.3 * s_max, 0.9 * s_max))
+                if err < 1e-3:
+                    self._taylor = tuple(torch.as_tensor(x, dtype=torch.float64, device=device) for x in (u0, a, b))
+            # Observed pixels that are native pixels (data on the model's own grid): consecutive
+            # pixels then read consecutive working pixels, in a few runs of constant offset per star.
+            u0 = np.interp(lobs, nat, np.arange(len(nat), dtype=np.float64))
+            off = u0 - np.arange(len(u0))
+            if len(u0) > 1 and np.all(np.abs(off - round(float(off[0]))) < 1e-6):
+                self.native_offset = int(round(float(off[0])))
+
+    # ------------------------------------------------------------------ interpolation
+    def taps_at(self, v: torch.Tensor):
+        """Interpolation at velocities v (n,) km/s: base index (n, n_pix) long, weights and d weights / dv.
+
+        Weights are a tuple of ``taps`` tensors (n, n_pix) for working pixels base + t; the base is
+        clamped so that every tap is inside the grid (pixels that fall off are given no weight by
+        the caller through :meth:`reach`).
+        """
+        b = v / C_KMS
+        shift_dex = 0.5 * (torch.log10(1 + b) - torch.log10(1 - b))                 # (n,)
+        dshift_dv = 1.0 / (LN10 * C_KMS * (1 - b * b))                              # d shift_dex / dv
+        if self.aligned is not None:
+            u00, m = self.aligned
+            n_pix = len(self.u0)
+            u = u00 - shift_dex / self.grid.step_dex                                   # (n,)
+            base = u.floor()
+            f = (u - base).to(self.dtype)
+            base = base.long() - 1
+            if bool(((base >= 0) & (base + 3 + m * (n_pix - 1) <= self.n_work - 1)).all()):
+                w, dw = cubic_weights(f)
+                scale = (-dshift_dv / self.grid.step_dex).to(self.dtype)
+                return base, w, tuple(d * scale for d in dw)
+        if self.grid.uniform:
+            u = self.u0[None] - (shift_dex / self.grid.step_dex)[:, None]
+            u = torch.nan_to_num(u, nan=0.0).clamp(1, self.n_work - 3.000001)
+            i = u.floor()
+            f = (u - i).to(self.dtype)
+            i = i.long() - 1
+            w, dw = cubic_weights(f)
+            scale = (-dshift_dv / self.grid.step_dex).to(self.dtype)[:, None]       # df/dv
+            return i, w, tuple(d * scale for d in dw)
+        if self._taylor is not None:
+            u0, a, bb = self._taylor
+            sh = shift_dex[:, None]
+            u = (u0[None] + sh * (a[None] + sh * bb[None])).clamp(0, self.n_work - 1.000001)
+            i = u.floor()
+            f = (u - i).to(self.dtype)
+            dfdv = ((a[None] + 2 * sh * bb[None]) * dshift_dv[:, None]).to(self.dtype)
+            i = i.long()
+            return i, (1 - f, f), (-dfdv, dfdv)
+        val = self.log10_obs[None] - shift_dex[:, None]
+        val = torch.nan_to_num(val, nan=float(self.native[0]))
+        l0, h, tab = self._lookup
+        i = tab[((val - l0) / h).floor().long().clamp(0, len(tab) - 1)]
+        i = (i + (self.native[(i + 1).clamp(max=self.n_work - 1)] <= val).long()).clamp(0, self.n_work - 2)
+        lo, hi = self.native[i], self.native[i + 1]
+        f = ((val - lo) / (hi - lo)).clamp(0, 1)
+        dfdv = (-dshift_dv[:, None] / (hi - lo)).to(self.dtype)
+        f = f.to(self.dtype)
+        return i, (1 - f, f), (-dfdv, dfdv)
+
+    def pixel_index(self, v: torch.Tensor) -> torch.Tensor:
+        """(n, n_pix) long: the working pixel nearest to each observed pixel at velocities v."""
+        i, w, _ = self.taps_at(v)
+        if i.dim() == 1:
+            i = i[:, None] + self.aligned[1] * torch.arange(len(self.u0), device=i.device)[None]
+        return (i + (1 if self.taps == 4 else 0)).clamp(0, self.n_work - 1)
+
+    def reach(self, v: torch.Tensor) -> torch.Tensor:
+        """(n, n_pix) bool: every interpolation tap of the pixel falls on a covered working pixel."""
+        i, _, _ = self.taps_at(v)
+        if i.dim() == 1:
+            i = i[:, None] + self.aligned[1] * torch.arange(len(self.u0), device=i.device)[None]
+        ok = torch.ones_like(i, dtype=torch.bool)
+        for t in range(self.taps):
+            ok &= self.covered[(i + t).clamp(0, self.n_work - 1)]
+        if self.grid.uniform:
+            b = v / C_KMS
+            u = self.u0[None] - (0.5 * (torch.log10(1 + b) - torch.log10(1 - b)) / self.grid.step_dex)[:, None]
+            ok &= (u >= 1) & (u <= self.n_work - 3)
+        else:
+            val = self.log10_obs[None] - (0.5 * (torch.log10(1 + v / C_KMS) - torch.log10(1 - v / C_KMS)))[:, None]
+            ok &= (val >= self.native[0]) & (val <= self.native[-1])
+        return ok
+
+    def _interp(self, rows: torch.Tensor, i: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+        """rows (n, R, n_work) at the taps: (n, R, n_pix), written into ``out`` when given."""
+        n, r, _ = rows.shape
+        if i.dim() == 1:
+            # Aligned grid: per star, each tap is a strided slice with one weight.
+            m, n_pix = self.aligned[1], len(self.u0)
+            if out is None:
+                out = torch.empty(n, r, n_pix, dtype=rows.dtype, device=rows.device)
+            span = m * (n_pix - 1) + 1
+            base = i.tolist()
+            wl = [wt.tolist() for wt in w]
+            for s_ in range(n):
+                b0 = base[s_]
+                o = out[s_]
+                torch.mul(rows[s_, :, b0:b0 + span:m], wl[0][s_], out=o)
+                for t in range(1, len(w)):
+                    o.add_(rows[s_, :, b0 + t:b0 + t + span:m], alpha=wl[t][s_])
+            return out
+        if self.native_offset is not None and self.device.type == "cpu":
+            return self._interp_runs(rows, i, w, out)
+        acc = None
+        for t, wt in enumerate(w):
+            g = rows.gather(2, (i + t)[:, None, :].expand(n, r, -1))
+            acc = g * wt[:, None, :] if acc is None else acc.addcmul_(g, wt[:, None, :])
+        if out is not None:
+            out.copy_(acc)
+            return out
+        return acc
+
+    def _interp_runs(self, rows, i, w, out=None):
+        """Interpolation when observed pixel p sits on native pixel p + offset: per star, runs of pixels
+        whose taps are at a constant offset are contiguous slices (no gather)."""
+        n, r, _ = rows.shape
+        n_pix = i.shape[1]
+        if out is None:
+            out = torch.empty(n, r, n_pix, dtype=rows.dtype, device=rows.device)
+        k = i - torch.arange(n_pix, device=i.device)[None]                     # (n, n_pix) offsets
+        change = (k[:, 1:] != k[:, :-1]).cpu().numpy()
+        k0 = k[:, 0].tolist()
+        for s_ in range(n):
+            cuts = [0] + (np.flatnonzero(change[s_]) + 1).tolist() + [n_pix]
+            kk = k0[s_]
+            for a_, b_ in zip(cuts[:-1], cuts[1:]):
+                if a_ > 0:
+                    kk = int(k[s_, a_])
+                o = out[s_, :, a_:b_]
+                torch.mul(rows[s_, :, a_ + kk:b_ + kk], w[0][s_, a_:b_], out=o)
+                for t in range(1, len(w)):
+                    o.addcmul_(rows[s_, :, a_ + kk + t:b_ + kk + t], w[t][s_, a_:b_])
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def working_rows(self, p: torch.Tensor, jac: bool, derivs: bool | None = None) -> torch.Tensor:
+        """Network (and broadening) on the working grid: (n, 1 [+ n_theta] [+ n_extra], n_work).
+
+        jac: add the label derivatives; derivs (default: jac): add the broadening derivatives.
+        """
+        theta = p[:, : self.n_theta].to(self.dtype)
+        if jac:
+            rows = self.work.value_and_jacobian_stacked(theta).to(self.dtype)
+        else:
+            rows = self.work(theta)[:, None, :].to(self.dtype)
+        if self.broadener is not None:
+            cov = self.covered[None, None, :]
+            rows = torch.where(cov, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+            rows[:, 0] = torch.where(self.covered[None], rows[:, 0], torch.ones((), dtype=rows.dtype, device=rows.device))
+            q = p[:, self.i_q] if self.i_q is not None else torch.zeros(len(p), dtype=torch.float64, device=p.device)
+            s = p[:, self.i_s] if self.i_s is not None else torch.zeros(len(p), dtype=torch.float64, device=p.device)
+            rows = self.broadener.apply(rows, q, s, with_derivs=jac if derivs is None else derivs)
+        return rows
+
+    def continuum(self, p: torch.Tensor) -> torch.Tensor:
+        """(n, n_pix) multiplicative continuum."""
+        return p[:, self.i_c:].to(self.dtype) @ self.basis_t
+
+    def evaluate_parts(self, p: torch.Tensor, labels: bool) -> "Evaluation":
+        """Model and its derivatives at p (n, n_par) float64.
+
+        The derivatives with respect to RV and broadening (``light``, cheap: they need only the
+        spectrum row) are always computed; those with respect to the labels (``jtheta``, one
+        network Jacobian) only if ``labels``. Both in normalised flux (before the continuum).
+        """
+        rows = self.working_rows(p, jac=labels, derivs=True)
+        i, w, dw = self.taps_at(p[:, self.i_v])
+        cont = self.continuum(p)
+        obs = self._interp(rows, i, w)                                     # (n, R, n_pix)
+        k = self.n_theta
+        y = obs[:, 0]
+        light = [self._interp(rows[:, :1], i, dw)[:, 0]]
+        extra = obs[:, 1 + k:] if labels else obs[:, 1:]
+        if self.n_extra:
+            light += list(extra.unbind(1))
+        return Evaluation(cont * y, y, cont, torch.stack(light, 1), obs[:, 1:1 + k] if labels else None)
+
+    def weighted_jacobian(self, p: torch.Tensor, sw: torch.Tensor):
+        """Model (n, n_pix) and sqrt(W) J (n, n_par, n_pix) at p, assembled in place (no concatenation).
+
+        sw: (n, n_pix) square roots of the weights, in the model's dtype.
+        """
+        rows = self.working_rows(p, jac=True, derivs=True)                  # (n, 1 + k + extra, W)
+        i, w, dw = self.taps_at(p[:, self.i_v])
+        n, k, ic = len(p), self.n_theta, self.i_c
+        n_pix = self.basis.shape[0]
+        js = torch.empty(n, self.n_par, n_pix, dtype=rows.dtype, device=rows.device)
+        y = self._interp(rows[:, :1], i, w)[:, 0]
+        self._interp(rows[:, 1:1 + k], i, w, out=js[:, :k])
+        self._interp(rows[:, :1], i, dw, out=js[:, k:k + 1])
+        if self.n_extra:
+            self._interp(rows[:, 1 + k:], i, w, out=js[:, k + 1:ic])
+        cont = self.continuum(p)
+        js[:, :ic] *= (cont * sw)[:, None, :]
+        torch.mul((y * sw)[:, None, :], self.basis_t[None], out=js[:, ic:])
+        return cont * y, js
+
+    def jacobian(self, ev: "Evaluation", jtheta: torch.Tensor) -> torch.Tensor:
+        """Full Jacobian (n, n_par, n_pix) from an evaluation and label derivatives (n, n_theta, n_pix)."""
+        c = ev.cont[:, None, :]
+        return torch.cat([jtheta * c, ev.light * c, ev.y[:, None, :] * self.basis_t[None]], 1)
+
+    def evaluate(self, p: torch.Tensor, jac: bool):
+        """Model (n, n_pix) and, if jac, its Jacobian (n, n_par, n_pix), at parameters p (n, n_par) float64."""
+        if not jac:
+            rows = self.working_rows(p, jac=False)
+            i, w, _ = self.taps_at(p[:, self.i_v])
+            return self.continuum(p) * self._interp(rows, i, w)[:, 0], None
+        ev = self.evaluate_parts(p, labels=True)
+        return ev.model, self.jacobian(ev, ev.jtheta)
+
+    def shape(self, p: torch.Tensor) -> torch.Tensor:
+        """Model without continuum (n, n_pix): the normalised spectrum at the observed pixels."""
+        rows = self.working_rows(p, jac=False)
+        i, w, _ = self.taps_at(p[:, self.i_v])
+        return self._interp(rows, i, w)[:, 0]

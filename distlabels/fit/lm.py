@@ -1,0 +1,164 @@
+"""Batched, bounded Levenberg-Marquardt with per-star damping and convergence.
+
+Each star has its own damping ``lambda`` (Nielsen's update from the ratio of actual to predicted
+chi^2 decrease) and its own stop, and leaves the batch when it stops, so converged stars cost
+nothing. A star stops when
+
+* the undamped Gauss-Newton step would lower chi^2 by less than ``tol`` (the Newton decrement
+  g^T A^-1 g: the squared distance to the minimum in units of the errors), or
+* even the damped step it is about to take could not gain ``tol`` (a LeakyReLU network is
+  piecewise linear, so the minimum can sit on a kink where the local quadratic model keeps
+  promising a gain that is not there).
+
+A trial point costs one forward pass; the Jacobian (one product with the network's last layer,
+see :meth:`~distlabels.models.base.Emulator.value_and_jacobian_stacked`) is computed only where a
+step is accepted, so J^T W J at the returned point is always exact.
+
+Bounds by projection: a parameter on its bound whose gradient points outward is held for the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LMState:
+    p: torch.Tensor          # (n, P) float64
+    A: torch.Tensor          # (n, P, P) J^T W J at p (from a full Jacobian)
+    g: torch.Tensor          # (n, P) J^T W r at p
+    chi2: torch.Tensor       # (n,)
+    converged: torch.Tensor  # (n,) bool
+    n_iter: torch.Tensor     # (n,) int64: trial steps
+    n_jac: torch.Tensor      # (n,) int64: full Jacobian evaluations
+    decrement: torch.Tensor  # (n,) Newton decrement at p
+
+
+def normal_equations(model, jac, d, w):
+    """J^T W J (n, P, P), J^T W r (n, P), chi^2 (n,) in float64 from model (n, n_pix), J (n, P, n_pix).
+
+    The products run in the Jacobian's precision (float32 by default: rounding there only changes
+    the path, never the minimum, which is set by the residuals); call with a float64 Jacobian for
+    the final covariance.
+    """
+    r = d - model
+    rw = r * w
+    chi2 = (r.double() * rw.double()).sum(1)
+    jw = jac * w.to(jac.dtype)[:, None, :]
+    A = (jw @ jac.transpose(1, 2)).double()
+    A = 0.5 * (A + A.transpose(1, 2))
+    g = (jac @ rw.to(jac.dtype)[:, :, None])[:, :, 0].double()
+    return A, g, chi2
+
+
+def _held(p, g, free, lo, hi):
+    """(n, P) bool: parameters fixed, or on a bound with the gradient pushing outward."""
+    hold = ~free[None].expand(len(p), -1)
+    hold = hold | ((p <= lo + 1e-12) & (g < 0)) | ((p >= hi - 1e-12) & (g > 0))
+    return hold
+
+
+def _solve(A, g, hold, lam):
+    """Damped step (n, P) and predicted chi^2 decrease (n,) with held parameters frozen."""
+    keep = (~hold).double()
+    diag = A.diagonal(dim1=1, dim2=2).clamp_min(1e-30)
+    M = A * keep[:, :, None] * keep[:, None, :]
+    M = M + torch.diag_embed(hold.double() + lam[:, None] * diag * keep + 1e-10 * diag * keep)
+    gk = g * keep
+    step = torch.linalg.solve(M, gk[:, :, None])[:, :, 0]
+    pred = (step * (gk + lam[:, None] * diag * keep * step)).sum(1)
+    return step, pred
+
+
+def newton_decrement(A, g, hold):
+    """g^T A^-1 g over the parameters not held: the chi^2 an undamped Gauss-Newton step would gain."""
+    step, _ = _solve(A, g, hold, torch.zeros(len(A), dtype=A.dtype, device=A.device))
+    return (step * g * (~hold).double()).sum(1)
+
+
+def weighted_normal_equations(fwd, p, sw, d):
+    """J^T W J, J^T W r, chi^2 (float64) at parameters p.
+
+    sw: (n, n_pix) square roots of the weights. The weighted Jacobian sqrt(W) J is assembled in
+    place (n, P, n_pix) and multiplied by its own transpose.
+    """
+    model, js = fwd.weighted_jacobian(p, sw)
+    rs = (d - model) * sw
+    A = (js @ js.transpose(1, 2)).double()
+    A = 0.5 * (A + A.transpose(1, 2))
+    g = (js @ rs[:, :, None])[:, :, 0].double()
+    return A, g, (rs.double() ** 2).sum(1)
+
+
+class _Batch:
+    """Per-star state of one LM run: parameters and J^T W J, J^T W r, chi^2 at them."""
+
+    def __init__(self, fwd, d, w, p):
+        self.fwd, self.d, self.w = fwd, d, w
+        self.p = p
+        self.sw = w.clamp_min(0).sqrt()
+        self.A, self.g, self.chi2 = weighted_normal_equations(fwd, p, self.sw, d)
+        self.n_jac = torch.ones(len(p), dtype=torch.int64, device=p.device)
+
+    def move(self, idx, p_new):
+        """Move stars idx to p_new and evaluate the Jacobian there."""
+        if len(idx) == 0:
+            return
+        self.p[idx] = p_new
+        self.A[idx], self.g[idx], self.chi2[idx] = weighted_normal_equations(self.fwd, p_new, self.sw[idx], self.d[idx])
+        self.n_jac[idx] += 1
+
+    def chi2_at(self, idx, p):
+        m, _ = self.fwd.evaluate(p, jac=False)
+        r = (self.d[idx] - m).double()
+        return (r * r * self.w[idx].double()).sum(1)
+
+
+def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float, lambda_init: float) -> LMState:
+    """Fit every star of the batch from p (n, P) float64.
+
+    fwd: a :class:`~distlabels.fit.forward.ForwardModel`; d, w: (n, n_pix) data and weights in its
+    dtype; free: (P,) bool; lo, hi: (P,) float64 bounds.
+    """
+    n = len(p)
+    dev = p.device
+    p = torch.minimum(torch.maximum(p, lo), hi).clone()
+    b = _Batch(fwd, d, w, p)
+    lam = torch.full((n,), float(lambda_init), dtype=torch.float64, device=dev)
+    nu = torch.full((n,), 2.0, dtype=torch.float64, device=dev)
+    converged = torch.zeros(n, dtype=torch.bool, device=dev)
+    n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
+    dec = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
+    active = torch.arange(n, device=dev)
+    for _ in range(max_iter):
+        if len(active) == 0:
+            break
+        pa, Aa, ga = b.p[active], b.A[active], b.g[active]
+        hold = _held(pa, ga, free, lo, hi)
+        dec_a = newton_decrement(Aa, ga, hold)
+        dec[active] = dec_a
+        lam_a = lam[active]
+        step, pred = _solve(Aa, ga, hold, lam_a)
+        stop = (dec_a < tol) | (pred < tol)
+        converged[active[stop]] = True
+        sel, pa, step, pred, lam_a = active[~stop], pa[~stop], step[~stop], pred[~stop], lam_a[~stop]
+        active = sel
+        if len(sel) == 0:
+            break
+        trial = torch.minimum(torch.maximum(pa + step, lo), hi)
+        chi2_t = b.chi2_at(sel, trial)
+        gain = b.chi2[sel] - chi2_t
+        n_iter[sel] += 1
+        ok = torch.isfinite(chi2_t) & (gain > 0)
+        rho = gain / pred.clamp_min(1e-30)
+        # Nielsen: shrink lambda by up to 3 after a good step, grow it geometrically after a bad one.
+        lam[sel] = torch.where(ok, lam_a * torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3.0),
+                               lam_a * nu[sel]).clamp_min(1e-7)
+        nu[sel] = torch.where(ok, torch.full_like(lam_a, 2.0), nu[sel] * 2)
+        b.move(sel[ok], trial[ok])
+        # Steps that fail even with heavy damping: at the minimum to numerical precision.
+        stuck = lam[active] > 1e10
+        converged[active[stuck]] = dec[active[stuck]] < 100 * tol
+        active = active[~stuck]
+    return LMState(b.p, b.A, b.g, b.chi2, converged, n_iter, b.n_jac, dec)
