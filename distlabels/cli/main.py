@@ -80,7 +80,8 @@ def cmd_models_import(args) -> int:
             raise DistlabelsError("models import payne-npz needs the network file: distlabels models import "
                                   "payne-npz FILE --wavelength FILE --out DIR.")
         out = import_payne_npz(args.file, args.out, wavelength=args.wavelength, wavelength_medium=args.medium,
-                               label_names=_csv(args.labels) if args.labels else None, resolution=args.resolution)
+                               label_names=_csv(args.labels) if args.labels else None, resolution=args.resolution,
+                               continuum_pixels=args.continuum_pixels, bad_pixels=args.pixel_mask)
     from ..models import load
 
     m = load(out)
@@ -158,12 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Convert a trained emulator into MODEL_DIR (weights.safetensors + model.json). "
                                      "bossbrain's pickles are read through an allow-listed unpickler only.")
     pi.add_argument("source", choices=["bossbrain", "payne-npz"], help="what to import")
-    pi.add_argument("file", nargs="?", help="payne-npz: the network .npz (w_array_0..2, b_array_0..2, x_min, x_max)")
+    pi.add_argument("file", nargs="?", help="payne-npz: the network .npz (w_array_0..2, b_array_0..2, x_min, x_max; "
+                                           "or the 2018-19 per-pixel layout, 3-d w_array_0)")
     pi.add_argument("--teff-range", help="bossbrain network: 3500-4200, 4000-5000 (default) or 4900-6000")
     pi.add_argument("--wavelength", help="payne-npz: file with the model's wavelength grid in Angstrom (.npz/.npy/.txt)")
     pi.add_argument("--medium", choices=["vacuum", "air"], default="vacuum", help="payne-npz: wavelength medium")
     pi.add_argument("--labels", help="payne-npz: comma-separated label names in network order")
     pi.add_argument("--resolution", type=float, help="payne-npz: resolving power R of the model spectra")
+    pi.add_argument("--continuum-pixels", metavar="NPZ", help="payne-npz per-pixel networks: bool mask of the "
+                    "continuum pixels defining the output's pseudo-continuum normalisation (stored with the model)")
+    pi.add_argument("--pixel-mask", metavar="NPZ", help="payne-npz per-pixel networks: bool mask, True = pixel the "
+                    "network models poorly, left out of every fit (stored with the model)")
     pi.add_argument("--out", required=True, help="output model directory")
     pi.set_defaults(func=cmd_models_import, parser=pi)
     pinfo = msub.add_parser("info", help="print a model's labels, bounds and grid")

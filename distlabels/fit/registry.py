@@ -18,7 +18,7 @@ import torch
 _FITTERS: dict[str, type] = {}
 # Modules that register fitters for built-in kinds (imported on first use, not at import time,
 # so that this module stays importable from anywhere in the fit layer).
-BUILTIN_FITTER_MODULES = ("distlabels.fit.cannon",)
+BUILTIN_FITTER_MODULES = ("distlabels.fit.cannon", "distlabels.fit.payne_perpixel")
 _loaded = False
 
 

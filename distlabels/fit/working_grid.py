@@ -92,7 +92,24 @@ def build_native_grid(model_wavelength_vac_aa: np.ndarray, obs_wavelength_vac_aa
     proj = sp.csr_matrix((np.ones(hi - lo), (rows, rows + lo)), shape=(hi - lo, len(lm)))
     native = lm[lo:hi]
     step = float(np.median(np.diff(native)))
-    return WorkingGrid(float(native[0]), step, hi - lo, np.ones(hi - lo, bool), proj, None, native, float(v_max_kms))
+    return WorkingGrid(float(native[0]), step, hi - lo, ~gap_edges(native), proj, None, native, float(v_max_kms))
+
+
+def gap_edges(log10_wavelength: np.ndarray, factor: float = 3.0) -> np.ndarray:
+    """(n,) bool: pixels on either side of a gap in a model grid (a step over ``factor`` x the median).
+
+    A grid with gaps (APOGEE's three chips) must not be interpolated across them: marking both
+    edge pixels as not covered makes every observed pixel whose taps straddle a gap unusable.
+    """
+    lw = np.asarray(log10_wavelength, np.float64)
+    out = np.zeros(len(lw), bool)
+    if len(lw) < 3:
+        return out
+    d = np.diff(lw)
+    big = np.flatnonzero(d > factor * np.median(d))
+    out[big] = True
+    out[big + 1] = True
+    return out
 
 
 def build_working_grid(model_wavelength_vac_aa: np.ndarray, obs_wavelength_vac_aa: np.ndarray, *,
@@ -139,6 +156,8 @@ def build_working_grid(model_wavelength_vac_aa: np.ndarray, obs_wavelength_vac_a
         j = np.clip(np.searchsorted(ln_m, ln_w) - 1, 0, len(ln_m) - 2)
         t = (ln_w - ln_m[j]) / (ln_m[j + 1] - ln_m[j])
         covered = (ln_w >= ln_m[0]) & (ln_w <= ln_m[-1])
+        edge = gap_edges(ln_m)                                        # no interpolation across model gaps
+        covered &= ~(edge[j] & edge[j + 1])
         t = np.clip(t, 0, 1)
         rows = np.repeat(np.arange(n_work), 2)
         cols = np.stack([j, j + 1], 1).ravel()

@@ -2,6 +2,7 @@
 from .base import Emulator, ProjectedEmulator, load, read_model_dir, register_kind, registered_kinds, sha256_file
 from .cannon import CannonModel
 from .payne import PayneMLP
+from .payne_perpixel import PerPixelPayne
 
-__all__ = ["CannonModel", "Emulator", "PayneMLP", "ProjectedEmulator", "load", "read_model_dir", "register_kind",
+__all__ = ["CannonModel", "Emulator", "PayneMLP", "PerPixelPayne", "ProjectedEmulator", "load", "read_model_dir", "register_kind",
            "registered_kinds", "sha256_file"]

@@ -339,7 +339,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Emulato
             wavelength_medium=meta["wavelength_medium"], resolution=meta.get("resolution"),
             training_labels=tensors.pop("training_labels").numpy() if "training_labels" in tensors else None,
             model_variance=tensors.pop("model_variance").numpy() if "model_variance" in tensors else None,
-            meta={k: v for k, v in meta.items() if k in ("source", "weights_sha256", "created", "name", "notes")},
+            meta={k: v for k, v in meta.items() if k in ("source", "weights_sha256", "created", "name", "notes",
+                                                                "flux_normalization")},
         )
         model = _KINDS[kind].from_parts(meta, tensors, common)
     except KeyError as e:

@@ -22,14 +22,16 @@ import numpy as np
 from ..errors import DistlabelsError, ModelFormatError
 from .base import sha256_file
 from .payne import PayneMLP
+from .payne_perpixel import PerPixelPayne
 from .safe_pickle import PickledRecord, safe_load
 
-__all__ = ["BOSSBRAIN_TEFF_RANGES", "bossbrain_pickle_path", "bossbrain_wavelength", "import_bossbrain",
+__all__ = ["APOGEE_RESOLUTION", "BOSSBRAIN_TEFF_RANGES", "bossbrain_pickle_path", "bossbrain_wavelength", "import_bossbrain",
            "import_payne_npz", "read_bossbrain_network"]
 
 BOSSBRAIN_TEFF_RANGES = ("3500-4200", "4000-5000", "4900-6000")
 APOGEE_PAYNE_LABELS = ("teff", "logg", "feh", "alphafe", "vmacro")
 _APOGEE_N_PIX = 7214
+APOGEE_RESOLUTION = 22500.0     # APOGEE's resolving power, the resolution of the published network's spectra
 
 
 def bossbrain_wavelength(n_pix: int = 14001) -> np.ndarray:
@@ -184,7 +186,7 @@ def _default_label_names(n_labels: int, n_pix: int) -> list[str]:
 
 def import_payne_npz(npz_path: str | os.PathLike, out: str | os.PathLike, *, wavelength: Any = None,
                      wavelength_medium: str = "vacuum", label_names: Sequence[str] | None = None,
-                     resolution: float | None = None) -> Path:
+                     resolution: float | None = None, continuum_pixels: Any = None, bad_pixels: Any = None) -> Path:
     """Convert The Payne's saved network (``.npz``) into a model directory ``out``.
 
     Keys: ``w_array_k`` (out, in) torch layout and ``b_array_k`` (out,) for k = 0..K, ``x_min`` /
@@ -192,7 +194,12 @@ def import_payne_npz(npz_path: str | os.PathLike, out: str | os.PathLike, *, wav
     ``wavelength_medium``): an array or a .npz / .npy / text file; when None the npz must hold a
     ``wavelength`` array. ``label_names`` default: an npz ``label_names`` array, else
     teff/logg/feh/alphafe/vmacro for the 5-label 7214-pixel APOGEE network, else label_0...
-    The 2018-19 per-pixel layout (3-d ``w_array_0``) is refused with a ModelFormatError.
+
+    The 2018-19 per-pixel layout is recognised from the shapes (``w_array_0`` (n_pix, n_hidden,
+    n_labels), ``b_array_0`` (n_pix, n_hidden), ``w_array_1`` (n_pix, n_hidden), ``b_array_1``
+    (n_pix,); sigmoid) and becomes a ``payne-perpixel`` model (:mod:`.payne_perpixel`).
+    ``continuum_pixels`` / ``bad_pixels`` (per-pixel only): bool arrays or one-array .npz/.npy files
+    over the network's pixels: its pseudo-continuum pixels and the pixels to leave out of fits.
     """
     p = Path(npz_path)
     if not p.is_file():
@@ -209,9 +216,9 @@ def import_payne_npz(npz_path: str | os.PathLike, out: str | os.PathLike, *, wav
     if missing:
         raise ModelFormatError(f"{p} is not a Payne network: it lacks {', '.join(missing)}.")
     if arrays["w_array_0"].ndim == 3:
-        n_pix, n_hidden, n_lab = arrays["w_array_0"].shape
-        raise ModelFormatError(f"{p} uses The Payne's 2018-19 per-pixel layout ({n_pix} pixels x {n_hidden} "
-                               f"sigmoid neurons on {n_lab} labels), which is not supported yet.")
+        return _import_per_pixel(p, arrays, out, wavelength=wavelength, wavelength_medium=wavelength_medium,
+                                 label_names=label_names, resolution=resolution,
+                                 continuum_pixels=continuum_pixels, bad_pixels=bad_pixels)
     n_layers = 0
     while f"w_array_{n_layers}" in arrays:
         n_layers += 1
@@ -253,4 +260,86 @@ def import_payne_npz(npz_path: str | os.PathLike, out: str | os.PathLike, *, wav
                      wavelength_medium=wavelength_medium, resolution=resolution, training_labels=None,
                      meta={"source": {"format": "payne-npz", "file": p.name, "sha256": sha256_file(p)},
                            "name": p.stem})
+    return model.save(out)
+
+
+def _read_pixel_mask(src: Any, n_pix: int, what: str) -> np.ndarray | None:
+    """(n_pix,) bool from an array or a .npz (one array, or the one named like a mask) / .npy file."""
+    if src is None:
+        return None
+    where = what
+    if isinstance(src, (str, os.PathLike)):
+        p = Path(src)
+        where = f"{what} file {p}"
+        if not p.is_file():
+            raise ModelFormatError(f"{where} does not exist.")
+        try:
+            z = np.load(p, allow_pickle=False)
+            if isinstance(z, np.lib.npyio.NpzFile):
+                with z:
+                    if len(z.files) != 1:
+                        raise ModelFormatError(f"{where} holds {len(z.files)} arrays ({', '.join(z.files)}); "
+                                               f"expected one {n_pix}-pixel mask.")
+                    z = z[z.files[0]]
+            src = z
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ModelFormatError(f"{where} is not a readable .npz/.npy file ({e.__class__.__name__}).") from None
+    m = np.asarray(src).reshape(-1)
+    if m.shape != (n_pix,) or not (m.dtype == bool or np.isin(m, (0, 1)).all()):
+        raise ModelFormatError(f"{where} is not a boolean array of the network's {n_pix} pixels.")
+    return m.astype(bool)
+
+
+def _import_per_pixel(p: Path, arrays: dict, out, *, wavelength, wavelength_medium, label_names, resolution,
+                      continuum_pixels, bad_pixels) -> Path:
+    """The 2018-19 per-pixel layout (see :func:`import_payne_npz`) -> a ``payne-perpixel`` model directory."""
+    w0 = arrays["w_array_0"]
+    n_pix, n_hidden, n_labels = w0.shape
+    want = {"b_array_0": (n_pix, n_hidden), "w_array_1": (n_pix, n_hidden), "b_array_1": (n_pix,)}
+    for k, shape in want.items():
+        if k not in arrays:
+            raise ModelFormatError(f"{p} has a per-pixel w_array_0 {w0.shape} but no {k}.")
+        if arrays[k].shape != shape or not np.issubdtype(arrays[k].dtype, np.floating):
+            raise ModelFormatError(f"{p}: {k} is {arrays[k].shape} but the per-pixel layout needs a float {shape}.")
+    if "w_array_2" in arrays:
+        raise ModelFormatError(f"{p} mixes the per-pixel layout (3-d w_array_0) with a third layer (w_array_2).")
+    x_min = np.asarray(arrays["x_min"], np.float64).reshape(-1)
+    x_max = np.asarray(arrays["x_max"], np.float64).reshape(-1)
+    if x_min.shape != (n_labels,) or x_max.shape != (n_labels,):
+        raise ModelFormatError(f"{p}: x_min/x_max have {x_min.size}/{x_max.size} values but the network "
+                               f"takes {n_labels} labels.")
+    if label_names is None:
+        if "label_names" in arrays and arrays["label_names"].dtype.kind == "U":
+            label_names = [str(s) for s in arrays["label_names"].reshape(-1)]
+        else:
+            label_names = _default_label_names(n_labels, n_pix)
+    label_names = [str(s) for s in label_names]
+    if len(label_names) != n_labels:
+        raise ModelFormatError(f"{len(label_names)} label names were given but the network takes {n_labels} labels.")
+    if wavelength is None:
+        if "wavelength" not in arrays:
+            raise ModelFormatError(f"{p} holds no wavelength grid; pass wavelength= (an array or a file of "
+                                   f"{n_pix} Angstrom values).")
+        wavelength = arrays["wavelength"]
+    wave = _read_wavelength(wavelength, n_pix)
+    apogee = n_pix == _APOGEE_N_PIX and 15000 < wave[0] < wave[-1] < 17100
+    notes = ["output: continuum-normalised flux (pseudo-continuum: a polynomial per chip fitted to the "
+             "continuum pixels), so a fit needs no full continuum, only a low-order correction"]
+    if resolution is None and apogee:
+        resolution = APOGEE_RESOLUTION    # the network's spectra are at APOGEE's resolution: no LSF on top
+        notes.append(f"resolution R = {APOGEE_RESOLUTION:.0f} assumed (APOGEE); spectra at that R get no extra LSF")
+    if "vmacro" in label_names:
+        notes.append("vmacro is a label: no extra broadening should be applied on top")
+    model = PerPixelPayne(
+        w0.astype(np.float32), arrays["b_array_0"].astype(np.float32), arrays["w_array_1"].astype(np.float32),
+        arrays["b_array_1"].astype(np.float32),
+        continuum_pixels=_read_pixel_mask(continuum_pixels, n_pix, "continuum_pixels"),
+        bad_pixels=_read_pixel_mask(bad_pixels, n_pix, "bad_pixels"),
+        label_names=label_names, x_min=x_min, x_max=x_max, wavelength_aa=wave, wavelength_medium=wavelength_medium,
+        resolution=resolution, training_labels=None,
+        meta={"source": {"format": "payne-npz-perpixel", "file": p.name, "sha256": sha256_file(p)},
+              "name": p.stem, "notes": "; ".join(notes),
+              "flux_normalization": {"output": "pseudo-continuum-normalised",
+                                     "continuum_pixels_stored": continuum_pixels is not None,
+                                     "fit_continuum": "low-order correction only (see distlabels.fit.payne_perpixel)"}})
     return model.save(out)

@@ -61,7 +61,14 @@ def register_loader(name: str, *, identify: Callable, survey: str | None = None)
 
 
 def open_fits(path: str | os.PathLike):
-    """astropy HDUList, lazily loaded, not memory-mapped (many small files: plain reads are faster)."""
+    """astropy HDUList, lazily loaded, not memory-mapped (many small files: plain reads are faster).
+
+    An ``.npz`` path opens as :class:`.apogee_npz.NpzSpectraFile` instead (FITS identifiers refuse it).
+    """
+    if str(path).lower().endswith(".npz"):
+        from .apogee_npz import NpzSpectraFile
+
+        return NpzSpectraFile(path)
     from astropy.io import fits
 
     return fits.open(path, memmap=False, lazy_load_hdus=True)
@@ -146,4 +153,4 @@ __all__ = ["LOADERS", "SURVEYS", "LayoutError", "LoadedFile", "Loader", "LoaderO
            "SurveyFacts", "detect", "identify_file", "loaders_for", "open_fits", "read_file", "register_loader"]
 
 # Registration order is detection order: most specific identifiers first.
-from . import lamost, boss, desi, apogee  # noqa: E402,F401  (register on import)
+from . import lamost, boss, desi, apogee, apogee_npz  # noqa: E402,F401  (register on import)
