@@ -186,3 +186,49 @@ def cannon_model_dir(tmp_path_factory, cannon_mock_stores):
     ts = load_training_set(cannon_mock_stores["train"], list(CANNON_LABELS))
     model, _ = train_cannon(ts, CannonTrainConfig())
     return model.save(tmp_path_factory.mktemp("cannon_model") / "model")
+
+
+# ----- real APOGEE data and The Payne's per-pixel network (../shared/data; skipped when absent) ----
+SHARED_DATA_ENV = "DISTLABELS_SHARED_DATA"
+APOGEE_NETWORK = "payne_apogee_dwarf_nn.npz"
+
+
+def find_shared_data():
+    """The folder of real APOGEE files: $DISTLABELS_SHARED_DATA, else ../shared/data (or ../../shared/data
+    for a git worktree) next to the repository root; None when none holds the Payne network."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cands = [Path(os.environ[SHARED_DATA_ENV])] if os.environ.get(SHARED_DATA_ENV) else []
+    cands += [root.parent / "shared" / "data", root.parent.parent / "shared" / "data"]
+    for c in cands:
+        if (c / APOGEE_NETWORK).is_file():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    d = find_shared_data()
+    if d is None:
+        pytest.skip(f"real APOGEE data (../shared/data or ${SHARED_DATA_ENV}) not present")
+    return d
+
+
+@pytest.fixture(scope="session")
+def apogee_payne_dir(tmp_path_factory, shared_data):
+    """The Payne's per-pixel APOGEE dwarf network with its continuum pixels and pixel mask, imported."""
+    from distlabels.models.importers import import_payne_npz
+
+    d = shared_data
+    return import_payne_npz(d / APOGEE_NETWORK, tmp_path_factory.mktemp("models") / "apogee_payne",
+                            wavelength=d / "apogee_wavelength.npz",
+                            continuum_pixels=d / "apogee_cannon_continuum_pixels.npz", bad_pixels=d / "apogee_mask.npz")
+
+
+@pytest.fixture(scope="session")
+def apogee_payne(apogee_payne_dir):
+    from distlabels.models import load
+
+    return load(apogee_payne_dir)

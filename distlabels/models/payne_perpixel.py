@@ -219,4 +219,5 @@ class PerPixelPayne(Emulator):
 
 def _to_torch_sparse(matrix) -> torch.Tensor:
     c = matrix.tocoo()
-    return torch.sparse_coo_tensor(np.vstack([c.row, c.col]), c.data, size=c.shape, dtype=torch.float64)
+    return torch.sparse_coo_tensor(np.vstack([c.row, c.col]), c.data, size=c.shape, dtype=torch.float64,
+                                   check_invariants=False)

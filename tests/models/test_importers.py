@@ -15,8 +15,6 @@ from distlabels.models import Emulator, PayneMLP, load
 from distlabels.models.importers import import_bossbrain, import_payne_npz
 from distlabels.models.safe_pickle import safe_load
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-
 
 # ----- independent float64 reference -----------------------------------------------------------
 def _payne_forward(labels, weights, biases, x_min, x_max, slope=0.01):
@@ -219,20 +217,3 @@ def test_payne_npz_malformed(tmp_path):
         import_payne_npz(tmp_path / "single.npy", tmp_path / "m", wavelength=np.arange(1.0, 51.0))
     with pytest.raises(ModelFormatError, match="does not exist"):
         import_payne_npz(tmp_path / "missing.npz", tmp_path / "m")
-
-
-def test_payne_per_pixel_layout_is_refused(tmp_path):
-    rng = np.random.default_rng(0)
-    arr = {"w_array_0": rng.normal(size=(30, 5, 4)), "b_array_0": rng.normal(size=(30, 5)),
-           "w_array_1": rng.normal(size=(30, 5)), "b_array_1": rng.normal(size=30),
-           "x_min": np.zeros(4), "x_max": np.ones(4)}
-    _expect_format_error(tmp_path, arr, "per-pixel layout .* not supported", wavelength=np.arange(1.0, 31.0))
-
-
-def test_payne_real_apogee_per_pixel_network_is_refused(tmp_path):
-    npz, wave = SHARED / "payne_apogee_dwarf_nn.npz", SHARED / "apogee_wavelength.npz"
-    if not (npz.is_file() and wave.is_file()):
-        pytest.skip("shared APOGEE data not present")
-    with pytest.raises(ModelFormatError, match="7214 pixels .* not supported"):
-        import_payne_npz(npz, tmp_path / "m", wavelength=wave)
-    assert not (tmp_path / "m").exists()
