@@ -74,3 +74,40 @@ def test_real_network_spectra_with_raw_continuum_recover_labels(apogee_payne):
     assert np.all(np.abs(res.labels - truth) < 4 * res.errors + floor), (res.labels - truth, res.errors)
     assert np.all(np.abs(res.rv - rv) < 0.3), res.rv
     assert np.all(res.chi2_red < 1.3), res.chi2_red
+
+
+def test_apstar_pixels_land_on_the_aspcap_model_pixels_and_chip_gaps_get_no_weight():
+    """apStar's 8,575-pixel grid holds the network's 7,214 pixels at indices 322:3242, 3648:6048, 6412:8306."""
+    from distlabels.fit.working_grid import build_native_grid, build_working_grid
+
+    apstar = 10 ** (4.179 + 6e-6 * np.arange(8575))
+    model = aspcap_wavelength()
+    g = build_native_grid(model, apstar, v_max_kms=500.0)
+    u = g.position(np.log10(apstar))
+    sel = np.r_[322:3242, 3648:6048, 6412:8306]
+    np.testing.assert_allclose(u[sel], np.arange(7214), atol=1e-6)
+    edges = np.flatnonzero(~g.covered)
+    np.testing.assert_array_equal(edges, [2919, 2920, 5319, 5320])        # both sides of the two chip gaps
+    # The uniform working grid (used when broadening is fitted) does not bridge the gaps either.
+    w = build_working_grid(model, apstar, resolution=None, v_max_kms=100.0)
+    lw = w.log10_wavelength
+    in_gap = (lw > np.log10(model[2919]) + 1e-7) & (lw < np.log10(model[2920]) - 1e-7)
+    assert in_gap.any() and not w.covered[in_gap].any()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_per_pixel_model_on_cuda_matches_cpu(tmp_path):
+    import torch
+
+    rng = np.random.default_rng(0)
+    arr = {"w_array_0": rng.normal(size=(200, 5, 3)), "b_array_0": rng.normal(size=(200, 5)),
+           "w_array_1": rng.normal(size=(200, 5)), "b_array_1": rng.normal(size=200),
+           "x_min": np.zeros(3), "x_max": np.ones(3)}
+    np.savez(tmp_path / "n.npz", **arr)
+    out = import_payne_npz(tmp_path / "n.npz", tmp_path / "m", wavelength=np.arange(1.0, 201.0))
+    cpu, gpu = load(out), load(out, device="cuda")
+    x = torch.rand(7, 3) - 0.5
+    np.testing.assert_allclose(gpu.value_and_jacobian_stacked(x.cuda()).cpu().numpy(),
+                               cpu.value_and_jacobian_stacked(x).numpy(), atol=1e-5)
+    sel = gpu.project(torch.eye(200, dtype=torch.float64)[50:80].to_sparse().cuda())
+    np.testing.assert_allclose(sel(x.cuda()).cpu().numpy(), cpu(x).numpy()[:, 50:80], atol=1e-5)
