@@ -14,7 +14,7 @@ from distlabels.pipeline.cluster import KINDS, is_address
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # Which subcommand reads each file (a new config must be added here, or this test fails).
 USED_BY = {"demo.yaml": "demo", "fit-local.yaml": "fit", "lamost-payne.yaml": "fit", "desi.yaml": "fit",
-           "k8s-cluster.yaml": "k8s", "ingest-local.yaml": "ingest"}
+           "k8s-cluster.yaml": "k8s", "ingest-local.yaml": "ingest", "apogee-payne.yaml": "fit"}
 
 
 def test_every_config_is_covered():
