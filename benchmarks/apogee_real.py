@@ -148,8 +148,28 @@ def main() -> None:
         print(f"# visits {lab}: spread {np.ptp(v):.3g}, chi2 about the weighted mean {np.sum(((v - mean) / e) ** 2):.1f} "
               f"for 2 dof")
 
-    # Reference fits (The Payne/binspec style) on the same spectra, as the files give them.
+    # Where the combined spectrum's chi^2 comes from: residuals against the floored errors.
+    from distlabels.fit.payne_perpixel import model_segments
+    from distlabels.fit.registry import make_fitter
+    from distlabels.models import load
+
     wave = aspcap_wavelength()
+    with np.load(d / "apogee_2M13012770+5754582_combined.npz") as z:
+        flux, ivar = z["spectrum"][None].astype(np.float64), 1 / z["spec_err"][None].astype(np.float64) ** 2
+    ft = make_fitter(load(mdir), wave, resolution=22500, segments=model_segments(wave), config=FitConfig(continuum_degree=-1))
+    t = time.perf_counter()
+    r = ft.fit(flux, ivar)
+    t_one = time.perf_counter() - t
+    fn, wn, bad = ft.prepare(flux, ivar, None, r.rv)
+    res = (fn[0] - ft.model_flux(r.labels, r.rv, r.continuum)[0])
+    use = ~bad[0] & (wn[0] > 0)
+    z2 = np.sort(res[use] ** 2 * wn[0][use])[::-1]
+    print(f"\n# combined, in-process fit {t_one:.1f} s: {use.sum()} pixels, chi2_red {r.chi2_red[0]:.2f}, rms residual "
+          f"{np.std(res[use]):.4f}, median |resid|/err {np.median(np.sqrt(z2)):.2f} (Gaussian: 0.67), worst 5 % of "
+          f"pixels give {z2[:len(z2) // 20].sum() / z2.sum():.0%} of chi2; with a 1 % model error in quadrature "
+          f"chi2_red {np.mean(res[use] ** 2 / (1 / wn[0][use] + 0.01 ** 2)):.2f}")
+
+    # Reference fits (The Payne/binspec style) on the same spectra, as the files give them.
     with np.load(d / "apogee_mask.npz") as z:
         mask = z["apogee_mask"]
     ref = ReferenceFit(d / "payne_apogee_dwarf_nn.npz", wave, mask)
