@@ -80,6 +80,7 @@ def load_star_spectrum(catalog: Catalog, source_id: str, *, spectra: str | os.Pa
                        model: str | os.PathLike | None = None, device: str = "cpu") -> StarSpectrum:
     """Observed spectrum, pixel mask and best-fit model of ``source_id`` (see module docstring)."""
     from ..fit import SpectrumFitter
+    from ..fit.registry import fitter_class
     from ..io.store import open_store
     from ..models import load
 
@@ -117,8 +118,15 @@ def load_star_spectrum(catalog: Catalog, source_id: str, *, spectra: str | os.Pa
         return StarSpectrum(sid, store.wavelength, store.wavelength_medium, flux, ivar, used, None, None,
                             float("nan"), row)
     cfg = _fit_config(prov)
-    fitter = SpectrumFitter(emu, store.wavelength, wavelength_medium=store.wavelength_medium,
-                            resolution=store.resolution, segments=store.segments, config=cfg, device=device)
+    cls = fitter_class(emu.kind)        # kinds whose fitter extends the kernel's keep their data preparation
+    cls = cls if isinstance(cls, type) and issubclass(cls, SpectrumFitter) else SpectrumFitter
+    fitter = cls(emu, store.wavelength, wavelength_medium=store.wavelength_medium,
+                 resolution=store.resolution, segments=store.segments, config=cfg, device=device)
+    if hasattr(fitter, "prepare"):
+        # a kind whose fitter transforms the data first (per-pixel Payne: its pseudo-continuum and mask at the RV)
+        f2, iv2, bad = fitter.prepare(flux[None], ivar[None], None if mask is None else mask[None], np.array([rv]))
+        flux, ivar = np.asarray(f2[0], np.float32), np.asarray(iv2[0], np.float32)
+        used &= ~bad[0] & (ivar > 0)
     # pixels the model covers at this RV (the fit gives the others no weight)
     from ..io.wavelength import to_vacuum
 
