@@ -16,7 +16,7 @@ from distlabels.pipeline.ingest import run_ingest
 from distlabels.pipeline.run import run_fit
 from tests.io.fits_factory import package_data
 
-FIT = FitConfig(continuum_degree=-1, library_size=256)
+FIT = FitConfig(continuum_degree=-1, library_size=128, n_templates=2)
 COLS = ["source_id", "teff", "teff_err", "logg", "logg_err", "feh", "alphafe", "vmacro", "rv", "rv_err", "chi2_red",
         "flags", "labels_at_bound"]
 BROKEN = int(Flag.NOT_CONVERGED | Flag.FIT_ERROR | Flag.BAD_INPUT | Flag.FEW_PIXELS)
