@@ -287,3 +287,32 @@ def test_cli_trains_from_a_label_table_and_the_model_fits_on_a_local_cluster(sma
     got = pq.read_table(cat / "dataset", columns=["source_id", "teff", "flags"])
     assert sorted(got.column("source_id").to_pylist()) == sorted(r["t_test"].column("source_id").to_pylist())
     assert np.isfinite(got.column("teff").to_numpy()).all()
+
+
+def _subset(ts, n):
+    from dataclasses import replace
+
+    return replace(ts, flux=ts.flux[:n], ivar=ts.ivar[:n], labels=ts.labels[:n], source_id=ts.source_id[:n],
+                   rv_kms=ts.rv_kms[:n])
+
+
+def test_prior_computed_per_batch_equals_cached(small_run, bossbrain_model, one_thread):
+    """Large reference sets compute the prior's gradients per minibatch instead of caching them: same weights."""
+    ts = _subset(small_run["ts"], 60)
+    base = dict(hidden=(8,), epochs=2, batch_size=16, gradient_weight=30.0)
+    cached, _ = train_dd_payne(ts, bossbrain_model, DDPayneTrainConfig(**base), progress=False)
+    per_batch, _ = train_dd_payne(ts, bossbrain_model, DDPayneTrainConfig(prior_cache_mb=0, **base), progress=False)
+    for a, b in zip(cached.weights, per_batch.weights):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_dd_payne_trains_on_cuda_like_on_cpu(small_run, bossbrain_model):
+    ts = _subset(small_run["ts"], 60)
+    cfg = DDPayneTrainConfig(hidden=(8,), epochs=2, batch_size=16, gradient_weight=30.0)
+    m_cpu, r_cpu = train_dd_payne(ts, bossbrain_model, cfg, device="cpu", progress=False)
+    m_gpu, r_gpu = train_dd_payne(ts, bossbrain_model, cfg, device="cuda", progress=False)
+    assert r_gpu.device.startswith("cuda")
+    assert r_gpu.loop.history[0]["train_loss"] == pytest.approx(r_cpu.loop.history[0]["train_loss"], rel=1e-3)
+    lab = ts.labels[:5]
+    np.testing.assert_allclose(m_gpu.predict(lab), m_cpu.predict(lab), atol=2e-3)
