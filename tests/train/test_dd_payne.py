@@ -316,3 +316,17 @@ def test_dd_payne_trains_on_cuda_like_on_cpu(small_run, bossbrain_model):
     assert r_gpu.loop.history[0]["train_loss"] == pytest.approx(r_cpu.loop.history[0]["train_loss"], rel=1e-3)
     lab = ts.labels[:5]
     np.testing.assert_allclose(m_gpu.predict(lab), m_cpu.predict(lab), atol=2e-3)
+
+
+def test_resume_continues_exactly(small_run, bossbrain_model, tmp_path, one_thread):
+    """3 epochs, stop, resume to 6 == 6 epochs straight (checkpoints as in train/payne.py)."""
+    ts = _subset(small_run["ts"], 60)
+    base = dict(hidden=(8,), batch_size=16, gradient_weight=30.0, checkpoint_every=1)
+    straight, _ = train_dd_payne(ts, bossbrain_model, DDPayneTrainConfig(epochs=6, **base), out_dir=tmp_path / "a",
+                                 progress=False)
+    train_dd_payne(ts, bossbrain_model, DDPayneTrainConfig(epochs=3, **base), out_dir=tmp_path / "b", progress=False)
+    resumed, rep = train_dd_payne(ts, bossbrain_model, DDPayneTrainConfig(epochs=6, **base), out_dir=tmp_path / "b",
+                                  resume=True, progress=False)
+    assert rep.loop.epochs_run == 6 and len(rep.loop.history) == 6
+    for a, b in zip(straight.weights, resumed.weights):
+        assert torch.equal(a, b)
