@@ -134,8 +134,6 @@ class PriorGradients:
         span_p = prior.label_span
         self.factor = torch.as_tensor(np.where(self.label_mask, np.asarray(span_dd) / span_p[np.maximum(self.index, 0)],
                                                0.0), dtype=torch.float32)             # (L,) d x_prior / d x_dd
-        self.prior_labels = [n for n in wanted]
-        self.n_pix = int(self.covered.size)
 
     def prior_label_array(self, labels: np.ndarray) -> np.ndarray:
         lab = np.broadcast_to(self.fixed, (len(labels), len(self.fixed))).copy()
