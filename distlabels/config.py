@@ -125,6 +125,32 @@ class PayneTrainConfig:
 
 
 @dataclass(frozen=True)
+class DDPayneTrainConfig:
+    """Settings of ``distlabels train dd-payne`` (:mod:`distlabels.train.dd_payne`)."""
+
+    hidden: tuple[int, ...] = (128, 128)   # hidden layer widths
+    activation: str = "leaky_relu"         # leaky_relu | sigmoid | tanh
+    negative_slope: float = 0.01
+    gradient_weight: float = 30.0          # D: weight of sum |dF_NN/dx - dF_prior/dx| against chi^2 (per pixel, per star)
+    gradient_labels: tuple[str, ...] | None = None   # labels whose gradient is tied to the prior (None: all the prior has)
+    prior_fixed: tuple[tuple[str, float], ...] = ()  # prior labels the network lacks, held at these values (default: the
+                                                     # prior's training-label median)
+    continuum_degree: int = 3              # Chebyshev degree per segment of the per-star continuum solved in the loss
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 1000                     # at most
+    patience: int = 100                    # stop after this many epochs without a better validation loss
+    lr_patience: int = 25                  # halve the learning rate after this many epochs without improvement
+    min_learning_rate: float = 1e-5
+    validation_fraction: float = 0.1
+    checkpoint_every: int = 20
+    prior_cache_mb: float = 2048.0         # keep the prior's gradient spectra of all stars in memory below this size
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Settings of a distributed fit run (:mod:`distlabels.pipeline`)."""
 
@@ -187,6 +213,10 @@ def _coerce(cls, data: dict[str, Any]):
             v = tuple(tuple(str(a) for a in (g.split(",") if isinstance(g, str) else g)) for g in v)
         elif k == "masks" and isinstance(v, (list, tuple)):
             v = tuple(a if isinstance(a, str) else tuple(float(b) for b in a) for a in v)
+        elif k == "prior_fixed" and isinstance(v, dict):
+            v = tuple((str(a), float(b)) for a, b in v.items())
+        elif k == "gradient_labels" and isinstance(v, (list, tuple, str)):
+            v = tuple(a.strip() for a in (v.split(",") if isinstance(v, str) else v) if str(a).strip())
         elif k in ("l1", "hidden") and isinstance(v, (list, tuple)):
             v = tuple(v)
         kwargs[k] = v
