@@ -116,3 +116,15 @@ def test_crb_cli_table_and_errors(bossbrain_model_dir, capsys):
                       (["--snr", 10, "--out", "x.txt"], ".csv")):
         rc, _, err = _run(capsys, "--model", bossbrain_model_dir, *argv)
         assert rc == 2 and err.startswith("distlabels: error:") and msg in err and "Traceback" not in err
+
+
+def test_fit_cli_takes_vsini_bound_and_limb_darkening():
+    from distlabels.cli.main import build_parser
+    from distlabels.cli.production import fit_config
+
+    args = build_parser().parse_args(["fit", "--model", "m", "--spectra", "s", "--out", "c", "--fit-vsini",
+                                      "--vsini-max-kms", "300", "--limb-darkening", "0.3"])
+    cfg = fit_config(args)
+    assert cfg.fit_vsini and cfg.vsini_max_kms == 300.0 and cfg.limb_darkening == 0.3
+    plain = fit_config(build_parser().parse_args(["fit", "--model", "m", "--spectra", "s", "--out", "c"]))
+    assert plain.vsini_max_kms == 500.0 and plain.limb_darkening == 0.6 and not plain.fit_vsini
