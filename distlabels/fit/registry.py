@@ -56,8 +56,10 @@ def check_fit_options(kind: str, config) -> None:
     """Refuse, in one sentence, FitConfig options the fitter of ``kind`` cannot honour.
 
     A fitter class lists them in ``UNSUPPORTED_OPTIONS`` (option name -> why); the general kernel
-    supports every option (vsini and an extra LSF width for any emulator kind). Called before a
-    run starts and by the fitters themselves, so an option is never silently ignored.
+    supports every option (vsini and an extra LSF width for any emulator kind). A registered fitter
+    that does fit vsini says so with ``FITS_VSINI = True`` (``tests/fit/test_hotpayne.py`` holds every
+    registered kind to one or the other). Called before a run starts and by the fitters themselves,
+    so an option is never silently ignored.
     """
     from ..errors import DistlabelsError
 

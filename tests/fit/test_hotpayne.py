@@ -125,15 +125,17 @@ def test_every_kind_broadens_or_refuses_clearly(cannon_model_dir, cannon_mock_st
     from distlabels.models.base import registered_kinds
     from distlabels.pipeline import run_fit
 
+    # Contract for fitters other than the general kernel: declare fit_vsini unsupported, or FITS_VSINI = True.
+    assert "cannon" in registered_kinds()
     for kind in registered_kinds():
         cls = fitter_class(kind)
         unsupported = getattr(cls, "UNSUPPORTED_OPTIONS", {})
-        assert cls is General or "fit_vsini" in unsupported or "fit_vsini" not in unsupported
+        assert cls is General or "fit_vsini" in unsupported or getattr(cls, "FITS_VSINI", False), kind
         if "fit_vsini" in unsupported:
             with pytest.raises(DistlabelsError, match="does not support fit_vsini"):
                 check_fit_options(kind, FitConfig(fit_vsini=True))
         else:
-            assert cls is General or not unsupported
+            check_fit_options(kind, FitConfig(fit_vsini=True, fit_lsf=True))
     model = load(cannon_model_dir)
     with pytest.raises(DistlabelsError, match="vsini as a label"):
         from distlabels.fit.registry import make_fitter
