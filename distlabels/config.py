@@ -86,6 +86,28 @@ class MockConfig:
 
 
 @dataclass(frozen=True)
+class CRBConfig:
+    """Settings of ``distlabels crb`` (:func:`distlabels.fit.crb.crb_grid`): the Cramer-Rao bound of each
+    label over a grid of stars, and which labels a survey measures at one S/N."""
+
+    snr: float = 50.0                  # S/N per pixel relative to the continuum (sigma = continuum / snr)
+    labels: tuple[str, ...] | None = None     # labels fitted (None: all); the others held at the training median
+    grid: str = "lamost"               # observed pixels: lamost | desi | model (the model's own grid, no LSF)
+    resolution: float | None = None    # resolving power (None: the grid's own; ignored for grid=model)
+    stars: str = "training"            # training: n stars drawn from the model's training labels;
+                                       # teff-logg: a regular ~sqrt(n) x sqrt(n) grid in Teff and log g, others at the median
+    n: int = 200
+    vsini_kms: float | None = None     # stars rotate at this vsini and vsini is fitted too (None: not fitted)
+    limb_darkening: float = 0.6        # linear limb darkening of the rotational kernel
+    masks: str | tuple = "default"     # pixel masks as for the fit (distlabels.fit.masks)
+    continuum_degree: int = 3          # Chebyshev continuum per segment fitted alongside (nuisance)
+    max_fraction: float = 0.1          # measurable: median sigma < max_fraction x the label's range (model box) ...
+    max_sigma: tuple[tuple[str, float], ...] = ()   # ... or below these absolute values (e.g. (("teff", 100.0),))
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class CannonTrainConfig:
     """Settings of ``distlabels train cannon`` (:mod:`distlabels.train.cannon`)."""
 
@@ -201,9 +223,9 @@ def _coerce(cls, data: dict[str, Any]):
     for k, v in data.items():
         if k == "fit" and isinstance(v, dict):
             v = _coerce(FitConfig, v)
-        elif k == "fix" and isinstance(v, dict):
+        elif k in ("fix", "max_sigma") and isinstance(v, dict):
             v = tuple((str(a), float(b)) for a, b in v.items())
-        elif k == "fix" and isinstance(v, (list, tuple)):
+        elif k in ("fix", "max_sigma") and isinstance(v, (list, tuple)):
             v = tuple((str(a), float(b)) for a, b in v)
         elif k in ("labels", "start_labels") and isinstance(v, (list, tuple)):
             v = tuple(str(a) for a in v)

@@ -80,11 +80,13 @@ def random_sky(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
     return ra, dec
 
 
-def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=None, labels=None):
+def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=None, labels=None, vsini_kms=None):
     """(pyarrow.Table, store meta dict) of a mock survey from ``model``.
 
     progress: optional callable(n_done) for a progress bar. labels: optional (n, n_labels)
     physical labels to use instead of drawing them (e.g. a few labels varied, the rest fixed).
+    vsini_kms: optional (n,) rotational velocities (km/s) instead of drawing them from
+    ``cfg.vsini_max_kms`` (e.g. a chosen ladder of vsini; kept as ``true_vsini``).
     """
     rng = np.random.default_rng(cfg.seed)
     n = int(cfg.n)
@@ -114,6 +116,11 @@ def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=No
     rv = np.zeros(n) if cfg.noiseless else rng.uniform(-cfg.rv_max_kms, cfg.rv_max_kms, n)
     snr = rng.uniform(cfg.snr_min, cfg.snr_max, n)
     vsini = rng.uniform(0, cfg.vsini_max_kms, n) if cfg.vsini_max_kms > 0 else np.zeros(n)
+    if vsini_kms is not None:
+        vsini = np.broadcast_to(np.asarray(vsini_kms, np.float64), (n,)).copy()
+        if not np.all(np.isfinite(vsini) & (vsini >= 0)):
+            raise ValueError("vsini_kms must be finite and >= 0")
+    rotating = bool(np.any(vsini > 0))
     beta = rv / C_KMS
     doppler = np.sqrt((1 + beta) / (1 - beta))
     x = 2 * (wave_vac - wave_vac.min()) / (wave_vac.max() - wave_vac.min()) - 1
@@ -124,7 +131,7 @@ def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=No
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         spec = model.predict(labels[lo:hi])                                 # (m, n_model)
-        if cfg.vsini_max_kms > 0:
+        if rotating:
             spec = np.stack([rotate(lam_m, sp, v, cfg.limb_darkening) for sp, v in zip(spec, vsini[lo:hi])])
         if conv is not None:
             spec = (conv @ spec.T).T
@@ -172,7 +179,7 @@ def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=No
     for j, name in enumerate(model.label_names):
         cols[f"true_{name}"] = pa.array(labels[:, j].astype(np.float32))
     cols["true_rv"] = pa.array(rv.astype(np.float32))
-    if cfg.vsini_max_kms > 0:
+    if rotating or cfg.vsini_max_kms > 0:
         cols["true_vsini"] = pa.array(vsini.astype(np.float32))
     meta = {
         "survey": "mock",
@@ -184,6 +191,7 @@ def make_mock(model: Emulator, cfg: MockConfig, *, chunk: int = 500, progress=No
         "label_names": list(model.label_names),
         "mock": {"model_id": model.model_id, "grid": cfg.grid, "n": n, "snr_range": [cfg.snr_min, cfg.snr_max],
                  "seed": cfg.seed, "rv_max_kms": cfg.rv_max_kms, "noiseless": cfg.noiseless,
-                 "normalized": cfg.normalized, "resolution": resolution, "vsini_max_kms": cfg.vsini_max_kms},
+                 "normalized": cfg.normalized, "resolution": resolution, "vsini_max_kms": cfg.vsini_max_kms,
+                 "limb_darkening": cfg.limb_darkening},
     }
     return pa.table(cols), meta

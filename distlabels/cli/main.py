@@ -21,6 +21,7 @@ EXTRA_COMMAND_MODULES: list[str] = [
     "distlabels.cli.ingest",
     "distlabels.cli.catalog",
     "distlabels.cli.train",
+    "distlabels.cli.crb",
 ]
 
 

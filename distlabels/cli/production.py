@@ -50,7 +50,12 @@ def register(sub, add) -> None:
                          "(e.g. --tie bam,cem,ndm,zrm=0); repeatable")
     pf.add_argument("--masks", metavar="SET", help="pixel masks: default (tellurics, sky lines, ISM Na D, DIBs), none, "
                     "a survey name, or comma-separated window names (distlabels/fit/masks.py)")
-    pf.add_argument("--fit-vsini", action="store_true", default=None, help="fit rotational broadening vsini")
+    pf.add_argument("--fit-vsini", action="store_true", default=None,
+                    help="fit rotational broadening vsini (any emulator kind; a Cannon refuses it)")
+    pf.add_argument("--vsini-max-kms", type=float, help="upper bound of the fitted vsini (default 500; a star on it is "
+                                                       "flagged BROADENING_AT_BOUND)")
+    pf.add_argument("--limb-darkening", type=float, help="linear limb-darkening coefficient of the rotational "
+                                                         "profile (default 0.6)")
     pf.add_argument("--fit-lsf", action="store_true", default=None,
                     help="fit an extra Gaussian instrumental width (resolution mismatch)")
     pf.add_argument("--covariance", action="store_true", default=None,
@@ -94,6 +99,9 @@ def fit_config(args):
     masks = getattr(args, "masks", None)
     if masks:
         opts["masks"] = masks if "," not in masks else [t.strip() for t in masks.split(",") if t.strip()]
+    for name in ("vsini_max_kms", "limb_darkening"):
+        if getattr(args, name, None) is not None:
+            opts[name] = float(getattr(args, name))
     for flag in ("fit_vsini", "fit_lsf", "covariance"):
         if getattr(args, flag, None):
             opts[flag] = True

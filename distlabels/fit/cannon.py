@@ -47,7 +47,7 @@ from ..models.continuum import fractional_index, rough_continuum
 from ..models.resample import interpolate, taps
 from .flags import Flag
 from .kernel import FitResult
-from .registry import register_fitter, resolve_device
+from .registry import check_fit_options, register_fitter, resolve_device
 
 DEAD_S2 = 1.0e3   # model pixels with s2 above this are unconstrained by training: ignored
 
@@ -75,6 +75,14 @@ class CannonFitter:
     step is float64).
     """
 
+    # Broadening would break the quadratic-in-labels fast path (the model is no longer linear in the
+    # label vector); a Cannon learns broadening from its training spectra instead.
+    UNSUPPORTED_OPTIONS = {
+        "fit_vsini": "a Cannon is data-driven: train it with vsini as a label, e.g. --labels teff,logg,mh,vsini "
+                     "on a store with a true_vsini column, or fit with an emulator kind",
+        "fit_lsf": "a Cannon is trained at the survey's own resolution",
+    }
+
     def __init__(self, model: CannonModel, wavelength_aa, *, wavelength_medium: str = "vacuum",
                  resolution: float | None = None, segments=None, config: FitConfig | None = None,
                  device="cpu", fast_path: bool = True, qf_dtype: torch.dtype = torch.float32,
@@ -82,6 +90,7 @@ class CannonFitter:
         if not isinstance(model, CannonModel):
             raise TypeError(f"CannonFitter needs a cannon model, not {type(model).__name__}")
         self.config = cfg = config or FitConfig()
+        check_fit_options("cannon", cfg)
         self.device = dev = resolve_device(device)
         self.model = model
         self.fast_path = fast_path

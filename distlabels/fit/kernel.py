@@ -29,7 +29,7 @@ from ..config import FitConfig
 from ..errors import DistlabelsError
 from ..io.wavelength import C_KMS, to_vacuum
 from ..models.base import Emulator
-from .broadening import Broadener
+from .broadening import Broadener, vsini_resolution_limit_kms
 from .flags import Flag
 from .forward import ForwardModel
 from .labels import build_label_map
@@ -296,6 +296,17 @@ class SpectrumFitter:
         for net in nets:
             net.matmul_backend = choice
         return choice
+
+    @property
+    def vsini_limit_kms(self) -> float:
+        """vsini below which these data do not resolve rotation (km/s; see
+        :func:`distlabels.fit.broadening.vsini_resolution_limit_kms`): a fitted vsini under it is an upper limit."""
+        lam = self.wavelength_vac[np.isfinite(self.wavelength_vac)]
+        pixel_kms = float(np.median(np.diff(np.log(lam)))) * C_KMS if len(lam) > 1 else 0.0
+        r = self.resolution
+        if r is None and self.model.resolution is not None:
+            r = self.model.resolution
+        return vsini_resolution_limit_kms(r, pixel_kms)
 
     def _sigma_max_kms(self, resolution) -> float:
         """Upper bound of the fitted extra Gaussian sigma (km/s): 3x the nominal LSF sigma, else 100 km/s."""

@@ -52,6 +52,23 @@ def fitter_class(kind: str) -> type:
     return SpectrumFitter
 
 
+def check_fit_options(kind: str, config) -> None:
+    """Refuse, in one sentence, FitConfig options the fitter of ``kind`` cannot honour.
+
+    A fitter class lists them in ``UNSUPPORTED_OPTIONS`` (option name -> why); the general kernel
+    supports every option (vsini and an extra LSF width for any emulator kind). A registered fitter
+    that does fit vsini says so with ``FITS_VSINI = True`` (``tests/fit/test_hotpayne.py`` holds every
+    registered kind to one or the other). Called before a run starts and by the fitters themselves,
+    so an option is never silently ignored.
+    """
+    from ..errors import DistlabelsError
+
+    cls = fitter_class(kind)
+    for name, why in getattr(cls, "UNSUPPORTED_OPTIONS", {}).items():
+        if config is not None and getattr(config, name, None):
+            raise DistlabelsError(f"the {kind!r} fitter does not support {name} ({why}).")
+
+
 def registered_fitters() -> dict[str, type]:
     _load_builtins()
     return dict(_FITTERS)

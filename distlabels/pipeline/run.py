@@ -29,6 +29,7 @@ from .. import __version__, paths
 from ..catalog.writer import write_catalog_meta
 from ..config import FitConfig, RunConfig, config_hash, to_dict
 from ..errors import DistlabelsError
+from ..fit.registry import check_fit_options
 from ..io.location import Location
 from ..io.store import Partition, SpectraStore, open_store
 from ..models.base import load, read_model_dir
@@ -112,6 +113,7 @@ def run_fit(model_dir: str | os.PathLike, store_path: str | os.PathLike, catalog
     store = open_store(store_path)
     read_model_dir(model_dir)                          # fail fast, with the model's own message
     model = load(model_dir)
+    check_fit_options(model.kind, cfg.fit)             # e.g. fit_vsini with a Cannon: refused before any cluster
     grid = GridSpec.from_store_meta(store.meta)
     manifest = store.manifest()
     manifest_hash = SpectraStore.manifest_hash(manifest)
