@@ -55,6 +55,9 @@ def model_segments(wavelength_vac_aa: np.ndarray, gap_factor: float = 10.0) -> t
 class PerPixelFitter(SpectrumFitter):
     """The general kernel plus the model's pseudo-continuum normalisation and bad-pixel mask."""
 
+    # The general kernel's broadening applies unchanged (only when asked: vmacro is already a label).
+    FITS_VSINI = True
+
     def __init__(self, model, wavelength_aa, *, wavelength_medium: str = "vacuum", resolution=None, segments=None,
                  config=None, device="cpu"):
         super().__init__(model, wavelength_aa, wavelength_medium=wavelength_medium, resolution=resolution,
