@@ -2,6 +2,7 @@
 from .base import Emulator, ProjectedEmulator, load, read_model_dir, register_kind, registered_kinds, sha256_file
 from .cannon import CannonModel
 from .payne import PayneMLP
+from .transformer_payne import TransformerPayne
 
 __all__ = ["CannonModel", "Emulator", "PayneMLP", "ProjectedEmulator", "load", "read_model_dir", "register_kind",
-           "registered_kinds", "sha256_file"]
+           "registered_kinds", "sha256_file", "TransformerPayne"]
