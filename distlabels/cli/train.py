@@ -202,3 +202,7 @@ def register(sub, add) -> None:
     pp.add_argument("--out", help="output model directory (checkpoints in OUT/checkpoint)")
     pp.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
     pp.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+
+    from .train_transformer import register_kind   # TransformerPayne's action lives in its own module
+
+    register_kind(kind)

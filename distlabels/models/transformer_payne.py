@@ -65,9 +65,10 @@ class TransformerPayneNet(nn.Module):
         per = np.geomspace(1e-4, 1.0, n_freq) if periods is None else np.asarray(periods, np.float64)
         if per.shape != (n_freq,):
             raise ModelFormatError(f"wavelength embedding has {per.shape} periods, expected ({n_freq},).")
-        # Angular frequencies of the embedding (float64: the phase of a 2-pixel period must be exact).
-        self.register_buffer("omega", torch.as_tensor(2 * np.pi / per, dtype=torch.float64))
-        self.register_buffer("ln_ref", torch.tensor(float(ln_ref), dtype=torch.float64))
+        # Angular frequencies of the embedding, kept in float64 outside the module's tensors so that no
+        # dtype cast (.float(), .double()) rounds them: the phase of a 2-pixel period must be exact.
+        self.omega = np.asarray(2 * np.pi / per, np.float64)
+        self.ln_ref = float(ln_ref)
         self.query_in = nn.Linear(2 * n_freq, d_model)
         self.token_mlp = nn.Sequential(nn.Linear(n_labels, token_hidden), nn.GELU(), nn.Linear(token_hidden, token_hidden),
                                        nn.GELU(), nn.Linear(token_hidden, n_tokens * d_model))
@@ -76,11 +77,18 @@ class TransformerPayneNet(nn.Module):
         self.norm_out = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, 1)
 
+    @property
+    def periods(self) -> np.ndarray:
+        """(F,) periods of the embedding in ln(lambda)."""
+        return 2 * np.pi / self.omega
+
     def embed(self, wavelength_aa) -> torch.Tensor:
-        """(P,) wavelengths (Angstrom, the model's medium) -> (P, 2F) float32 features."""
-        lam = torch.as_tensor(np.asarray(wavelength_aa, np.float64), dtype=torch.float64, device=self.omega.device)
-        phase = (torch.log(lam) - self.ln_ref)[:, None] * self.omega[None]
-        return torch.cat([torch.sin(phase), torch.cos(phase)], 1).float()
+        """(P,) wavelengths (Angstrom, the model's medium) -> (P, 2F) features in the network's dtype and device."""
+        w = self.query_in.weight
+        lam = torch.as_tensor(np.asarray(wavelength_aa, np.float64), dtype=torch.float64, device=w.device)
+        omega = torch.as_tensor(self.omega, dtype=torch.float64, device=w.device)
+        phase = (torch.log(lam) - self.ln_ref)[:, None] * omega[None]
+        return torch.cat([torch.sin(phase), torch.cos(phase)], 1).to(w.dtype)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Scaled labels (n, L) -> label tokens (n, T, d)."""
@@ -144,11 +152,20 @@ class TransformerPayne(Emulator):
         self.net = net
         for p in self.net.parameters():
             p.requires_grad_(False)
-        self.register_buffer("features", net.embed(self.wavelength).to(net.omega.device), persistent=False)
+        self._features_cache: tuple | None = None
         if "training_wavelength_range_aa" not in self.meta and len(self.wavelength):
             self.meta["training_wavelength_range_aa"] = [float(self.wavelength.min()), float(self.wavelength.max())]
 
     # ----- evaluation ----------------------------------------------------------------------
+    @property
+    def features(self) -> torch.Tensor:
+        """(n_pix, 2F) wavelength features of this grid, computed once per device and dtype."""
+        w = self.net.query_in.weight
+        key = (w.device, w.dtype)
+        if self._features_cache is None or self._features_cache[0] != key:
+            self._features_cache = (key, self.net.embed(self.wavelength))
+        return self._features_cache[1]
+
     def _chunk(self, n: int, tangents: int = 1) -> int:
         per_pix = max(n, 1) * self.net.d * max(self.net.arch["mlp_ratio"], 2) * max(tangents, 1)
         return int(min(max(self.max_chunk_elements // per_pix, 16), max(self.n_pix, 1)))
@@ -220,7 +237,7 @@ class TransformerPayne(Emulator):
         w = np.asarray(wavelength_aa, np.float64)
         out = TransformerPayne(self.net, **self._common(wavelength_aa=w, model_variance=model_variance))
         out.max_chunk_elements = self.max_chunk_elements
-        return out.to(self.features.device)
+        return out.to(self.net.query_in.weight.device)
 
     def with_inputs(self, matrix, offset) -> "TransformerPayne":
         """Fold x = offset + theta @ matrix.T into the token MLP's first layer (Jacobian of k columns)."""
@@ -228,7 +245,8 @@ class TransformerPayne(Emulator):
         m = torch.as_tensor(np.asarray(matrix, np.float64), device=lin.weight.device)
         o = torch.as_tensor(np.asarray(offset, np.float64), device=lin.weight.device)
         k = m.shape[1]
-        net = TransformerPayneNet(k, **self.net.arch, ln_ref=float(self.net.ln_ref), periods=self._periods())
+        net = TransformerPayneNet(k, **self.net.arch, ln_ref=self.net.ln_ref, periods=self.net.periods).to(
+            device=lin.weight.device, dtype=lin.weight.dtype)
         state = {key: v for key, v in self.net.state_dict().items() if not key.startswith("token_mlp.0.")}
         net.load_state_dict(state, strict=False)
         with torch.no_grad():
@@ -265,15 +283,13 @@ class TransformerPayne(Emulator):
         mv = self.model_variance.cpu().numpy()[cols]
         return ProjectedTransformerPayne(self.on_grid(self.wavelength[cols], model_variance=mv), sub)
 
-    def _periods(self) -> np.ndarray:
-        return (2 * np.pi / self.net.omega.cpu().numpy())
-
     # ----- persistence ---------------------------------------------------------------------
     def tensors(self):
-        return {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        return {**{f"net.{k}": v for k, v in self.net.state_dict().items()},
+                "net.omega": torch.as_tensor(self.net.omega, dtype=torch.float64)}
 
     def kind_meta(self):
-        return {**self.net.arch, "ln_ref": float(self.net.ln_ref), "query": "sin/cos of ln(lambda / lambda_ref)",
+        return {**self.net.arch, "ln_ref": self.net.ln_ref, "query": "sin/cos of ln(lambda / lambda_ref)",
                 "training_wavelength_range_aa": self.meta.get("training_wavelength_range_aa")}
 
     @classmethod
@@ -285,7 +301,7 @@ class TransformerPayne(Emulator):
         state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
         if "omega" not in state:
             raise ModelFormatError("weights.safetensors holds no 'net.*' tensors for a transformer-payne model.")
-        periods = 2 * np.pi / state["omega"].double().numpy()
+        periods = 2 * np.pi / state.pop("omega").double().numpy()
         net = TransformerPayneNet(len(common["label_names"]), **{k: int(arch[k]) for k in ARCH_KEYS},
                                   ln_ref=float(arch.get("ln_ref", 0.0)), periods=periods)
         net.load_state_dict(state)
@@ -306,6 +322,10 @@ class ProjectedTransformerPayne(ProjectedEmulator):
 
     def __init__(self, base: TransformerPayne, matrix):
         super().__init__(base, matrix)
+        # Keep the projection in its own precision (the generic wrapper stores float32); each product
+        # casts it to the network's dtype, so a float64 model stays float64 throughout.
+        m = matrix if isinstance(matrix, torch.Tensor) else torch.as_tensor(np.asarray(matrix))
+        self.register_buffer("matrix", m, persistent=False)
 
     def value_and_jacobian_stacked(self, x):
         s = self.base.value_and_jacobian_stacked(x)          # (n, 1 + L, n_sub)

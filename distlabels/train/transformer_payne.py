@@ -107,7 +107,7 @@ def train_transformer_payne(ts: TrainingSet, config: TransformerPayneTrainConfig
     torch.manual_seed(cfg.seed)
     if init is not None:
         arch = dict(init.net.arch)
-        net = TransformerPayneNet(L, **arch, ln_ref=float(init.net.ln_ref), periods=init._periods())
+        net = TransformerPayneNet(L, **arch, ln_ref=init.net.ln_ref, periods=init.net.periods)
         net.load_state_dict(init.net.state_dict())
     else:
         arch = dict(d_model=cfg.d_model, n_tokens=cfg.n_tokens, n_heads=cfg.n_heads, n_blocks=cfg.n_blocks,
