@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..errors import ModelFormatError
 from .base import Emulator, ProjectedEmulator, register_kind
