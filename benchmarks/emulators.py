@@ -1,6 +1,6 @@
 """TransformerPayne against the Payne MLP: emulation error, training time and fitting throughput.
 
-    flock /tmp/distlabels-cpu.lock python benchmarks/emulators.py [--sizes 1000,5000] [--budget-s 780]
+    flock /tmp/distlabels-cpu.lock python benchmarks/emulators.py [--sizes 1000,5000] [--budget-s 600]
         [--window 5000,5600] [--threads 2] [--json out.json]
 
 Grids: ``make_mock(..., noiseless=True)`` (what ``distlabels mock --noiseless`` makes) from the
@@ -132,7 +132,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,5000")
     ap.add_argument("--window", default="5000,5600", help="wavelength window in A (vacuum) of the grid pixels used")
-    ap.add_argument("--budget-s", type=float, default=780.0, help="training wall-clock budget per emulator and size")
+    ap.add_argument("--budget-s", type=float, default=600.0, help="training wall-clock budget per emulator and size")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tp-d", type=int, default=None, help="TransformerPayne d_model (default: the config's)")
