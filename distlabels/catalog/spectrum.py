@@ -125,6 +125,7 @@ def load_star_spectrum(catalog: Catalog, source_id: str, *, spectra: str | os.Pa
     lam_rest = to_vacuum(store.wavelength, store.wavelength_medium) * np.sqrt((1 - rv / C_KMS) / (1 + rv / C_KMS))
     lam_mod = to_vacuum(emu.wavelength, emu.wavelength_medium)
     used &= (lam_rest > lam_mod.min()) & (lam_rest < lam_mod.max())
+    used &= fitter.usable.cpu().numpy()               # the fit's masks (tellurics, sky, ISM) and segments
     n_cont = int(fitter.n_cont)
     basis_models = fitter.model_flux(np.repeat(labels[None], n_cont, 0), np.full(n_cont, rv), np.eye(n_cont))
     used &= np.all(np.isfinite(basis_models), axis=0)
@@ -140,7 +141,7 @@ def load_star_spectrum(catalog: Catalog, source_id: str, *, spectra: str | os.Pa
         lhs[empty, empty] = 1.0
         coeffs = np.linalg.solve(lhs, rhs)
         model_flux = coeffs @ basis_models
-    n_free = emu.n_labels - len(cfg.fixed()) + 1 + (n_cont if cfg.continuum_degree >= 0 else 0)
+    n_free = int(fitter.free.sum())
     r = (flux - model_flux)[used]
     chi2 = float(np.sum(r * r * ivar[used]) / max(int(used.sum()) - n_free, 1))
     return StarSpectrum(sid, store.wavelength, store.wavelength_medium, flux, ivar, used, model_flux, coeffs,

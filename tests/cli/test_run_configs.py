@@ -14,7 +14,7 @@ from distlabels.pipeline.cluster import KINDS, is_address
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # Which subcommand reads each file (a new config must be added here, or this test fails).
 USED_BY = {"demo.yaml": "demo", "fit-local.yaml": "fit", "lamost-payne.yaml": "fit", "desi.yaml": "fit",
-           "k8s-cluster.yaml": "k8s"}
+           "k8s-cluster.yaml": "k8s", "ingest-local.yaml": "ingest"}
 
 
 def test_every_config_is_covered():
@@ -49,6 +49,17 @@ def test_demo_config_loads():
     for key, value in raw.items():
         got = getattr(ns, key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
+
+
+def test_ingest_config_loads_and_the_command_line_wins():
+    argv = ["ingest", "files/", "--out", "store/", "--config", str(CONFIGS / "ingest-local.yaml")]
+    raw = yaml.safe_load((CONFIGS / "ingest-local.yaml").read_text())
+    ns = build_parser().parse_args(argv)
+    ns = _apply_yaml(ns, ns.parser)
+    for key, value in raw.items():
+        assert getattr(ns, key) == value, key
+    ns = build_parser().parse_args(argv + ["--workers", "7"])
+    assert _apply_yaml(ns, ns.parser).workers == 7
 
 
 @pytest.mark.parametrize("sub", ["fit", "verify"])
