@@ -187,6 +187,19 @@ def test_fine_tuning_refuses_another_label_set(trained, grid_store, tmp_path, ca
     assert rc == 2 and err.startswith("distlabels: error:") and "same --labels" in err and len(err.splitlines()) == 1
 
 
+def test_help_and_init_of_another_kind(grid_store, bossbrain_model_dir, tmp_path, capsys):
+    from distlabels.cli.main import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "transformer-payne", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--init MODEL_DIR" in out and "--pixels-per-sample" in out
+    rc = cli_main(["train", "transformer-payne", "--grid", str(grid_store), "--init", str(bossbrain_model_dir),
+                   "--out", str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a transformer-payne" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_and_evaluation_on_cuda(grid_store, trained):
     ts = load_training_set(grid_store, LABELS)
