@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--task-rows", type=int, default=None, help="spectra per task (default: n / 2)")
     ap.add_argument("--presets", default="fast,default")
     ap.add_argument("--workers", default="1,2", help="pipeline worker counts to run")
+    ap.add_argument("--threads", default="1,2", help="kernel-alone thread counts to time (default 1,2)")
     ap.add_argument("--cluster", default="local")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--verify-rows", type=int, default=2_000_000)
@@ -187,14 +188,14 @@ def main(argv=None) -> int:
             store = make_store(model, n, task_rows, tmp / f"store-{preset}")
             cfg = fit_config(preset)
             res = {"n": n, "task_rows": task_rows, "fit_config": dataclasses.asdict(cfg), "kernel": {}, "pipeline": {}}
-            for threads in (1, 2):
+            for threads in (int(x) for x in args.threads.split(",")):
                 res["kernel"][threads] = kernel_alone(model, store, cfg, threads)
                 k = res["kernel"][threads]
                 print(f"[{preset}] kernel alone, {threads} thread(s): {k['spectra_per_s']:.2f} spectra/s, "
                       f"{k['spectra_per_cpu_s']:.2f} per CPU-second (set-up {k['setup_s']:.2f} s)", flush=True)
             for w in (int(x) for x in args.workers.split(",")):
                 res["pipeline"][w] = p = pipeline(model_dir, store.root, cfg, w, task_rows, args.cluster, args.device)
-                k = res["kernel"][min(w, 2)]["spectra_per_s"]
+                k = res["kernel"].get(min(w, 2), res["kernel"][1])["spectra_per_s"]
                 p["ratio_equal_threads"] = p["spectra_per_s"] / k
                 p["ratio_vs_w_x_one_thread"] = p["spectra_per_s"] / (w * res["kernel"][1]["spectra_per_s"])
                 p["fit_rate_ratio"] = p["fit_spectra_per_s_per_worker"] / res["kernel"][1]["spectra_per_s"]
