@@ -138,7 +138,8 @@ def main(argv=None):
     ap.add_argument("--tp-d", type=int, default=None, help="TransformerPayne d_model (default: the config's)")
     ap.add_argument("--tp-blocks", type=int, default=None)
     ap.add_argument("--payne-hidden", default="300,300")
-    ap.add_argument("--only", choices=["tp", "payne"], help="train only one of the two")
+    ap.add_argument("--only", choices=["tp", "payne"],
+                    help="train only one of the two (the other is loaded from --out if an earlier run saved it)")
     ap.add_argument("--out", default="/tmp/distlabels-bench-emulators")
     ap.add_argument("--no-fit", action="store_true")
     ap.add_argument("--progress", action="store_true")
@@ -170,6 +171,8 @@ def main(argv=None):
         models = {}
         for kind in ("tp", "payne"):
             if args.only and kind != args.only:
+                if (out / f"{kind}-{n}" / "model.json").is_file():    # trained by an earlier run: fit with it
+                    models[kind] = load(out / f"{kind}-{n}")
                 continue
             d = out / f"{kind}-{n}"
             if kind == "tp":
