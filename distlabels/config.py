@@ -173,6 +173,35 @@ class DDPayneTrainConfig:
 
 
 @dataclass(frozen=True)
+class TransformerPayneTrainConfig:
+    """Settings of ``distlabels train transformer-payne`` (:mod:`distlabels.train.transformer_payne`).
+
+    The defaults are a small network that trains on 2 CPU cores in minutes; the paper's networks are
+    several times wider and deeper and train on GPUs for hours.
+    """
+
+    d_model: int = 64                      # width of queries, tokens and blocks
+    n_tokens: int = 8                      # label tokens
+    n_heads: int = 4
+    n_blocks: int = 2                      # cross-attention + MLP blocks
+    token_hidden: int = 128                # hidden width of the label -> tokens MLP
+    mlp_ratio: int = 2                     # block MLP width / d_model
+    n_freq: int = 32                       # sin/cos pairs of the wavelength embedding
+    pixels_per_sample: int = 128           # random pixels of one spectrum per training sample
+    batch_size: int = 32                   # samples (spectra x pixels_per_sample) per step
+    optimizer: str = "adam"                # adam | radam
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 100                      # at most; one epoch sees every (spectrum, pixel) once
+    patience: int = 25                     # stop after this many epochs without a better validation MAE
+    lr_patience: int = 6                   # halve the learning rate after this many epochs without improvement
+    min_learning_rate: float = 1e-5
+    validation_fraction: float = 0.1
+    checkpoint_every: int = 2              # epochs between resumable checkpoints
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Settings of a distributed fit run (:mod:`distlabels.pipeline`)."""
 

@@ -206,3 +206,7 @@ def register(sub, add) -> None:
     from .train_dd_payne import add_dd_payne
 
     add_dd_payne(kind)
+
+    from .train_transformer import register_kind   # TransformerPayne's action lives in its own module
+
+    register_kind(kind)

@@ -3,6 +3,7 @@ from .base import Emulator, ProjectedEmulator, load, read_model_dir, register_ki
 from .cannon import CannonModel
 from .payne import PayneMLP
 from .payne_perpixel import PerPixelPayne
+from .transformer_payne import TransformerPayne
 
-__all__ = ["CannonModel", "Emulator", "PayneMLP", "PerPixelPayne", "ProjectedEmulator", "load", "read_model_dir", "register_kind",
-           "registered_kinds", "sha256_file"]
+__all__ = ["CannonModel", "Emulator", "PayneMLP", "PerPixelPayne", "ProjectedEmulator", "TransformerPayne", "load",
+           "read_model_dir", "register_kind", "registered_kinds", "sha256_file"]
