@@ -184,6 +184,30 @@ def _default_label_names(n_labels: int, n_pix: int) -> list[str]:
     return [f"label_{i}" for i in range(n_labels)]
 
 
+def _npz_scaling_names_wave(arrays, p, n_labels: int, n_pix: int, label_names, wavelength):
+    """Label scaling (x_min, x_max), label names and wavelength grid (Angstrom) of a Payne .npz, checked
+    against the network's n_labels inputs and n_pix outputs (both layouts share this)."""
+    x_min = np.asarray(arrays["x_min"], np.float64).reshape(-1)
+    x_max = np.asarray(arrays["x_max"], np.float64).reshape(-1)
+    if x_min.shape != (n_labels,) or x_max.shape != (n_labels,):
+        raise ModelFormatError(f"{p}: x_min/x_max have {x_min.size}/{x_max.size} values but the network "
+                               f"takes {n_labels} labels.")
+    if label_names is None:
+        if "label_names" in arrays and arrays["label_names"].dtype.kind == "U":
+            label_names = [str(s) for s in arrays["label_names"].reshape(-1)]
+        else:
+            label_names = _default_label_names(n_labels, n_pix)
+    label_names = [str(s) for s in label_names]
+    if len(label_names) != n_labels:
+        raise ModelFormatError(f"{len(label_names)} label names were given but the network takes {n_labels} labels.")
+    if wavelength is None:
+        if "wavelength" not in arrays:
+            raise ModelFormatError(f"{p} holds no wavelength grid; pass wavelength= (an array or a file of "
+                                   f"{n_pix} Angstrom values).")
+        wavelength = arrays["wavelength"]
+    return x_min, x_max, label_names, _read_wavelength(wavelength, n_pix)
+
+
 def import_payne_npz(npz_path: str | os.PathLike, out: str | os.PathLike, *, wavelength: Any = None,
                      wavelength_medium: str = "vacuum", label_names: Sequence[str] | None = None,
                      resolution: float | None = None, continuum_pixels: Any = None, bad_pixels: Any = None) -> Path:
@@ -235,26 +259,8 @@ def import_payne_npz(npz_path: str | os.PathLike, out: str | os.PathLike, *, wav
             raise ModelFormatError(f"{p}: w_array_{k} takes {w.shape[1]} inputs but layer {k - 1} gives {n_in}.")
         weights.append(w.astype(np.float32))
         biases.append(b.astype(np.float32))
-    x_min = np.asarray(arrays["x_min"], np.float64).reshape(-1)
-    x_max = np.asarray(arrays["x_max"], np.float64).reshape(-1)
     n_labels, n_pix = weights[0].shape[1], weights[-1].shape[0]
-    if x_min.shape != (n_labels,) or x_max.shape != (n_labels,):
-        raise ModelFormatError(f"{p}: x_min/x_max have {x_min.size}/{x_max.size} values but the network "
-                               f"takes {n_labels} labels.")
-    if label_names is None:
-        if "label_names" in arrays and arrays["label_names"].dtype.kind == "U":
-            label_names = [str(s) for s in arrays["label_names"].reshape(-1)]
-        else:
-            label_names = _default_label_names(n_labels, n_pix)
-    label_names = [str(s) for s in label_names]
-    if len(label_names) != n_labels:
-        raise ModelFormatError(f"{len(label_names)} label names were given but the network takes {n_labels} labels.")
-    if wavelength is None:
-        if "wavelength" not in arrays:
-            raise ModelFormatError(f"{p} holds no wavelength grid; pass wavelength= (an array or a file of "
-                                   f"{n_pix} Angstrom values).")
-        wavelength = arrays["wavelength"]
-    wave = _read_wavelength(wavelength, n_pix)
+    x_min, x_max, label_names, wave = _npz_scaling_names_wave(arrays, p, n_labels, n_pix, label_names, wavelength)
     model = PayneMLP(weights, biases, activation="leaky_relu", negative_slope=0.01,
                      label_names=label_names, x_min=x_min, x_max=x_max, wavelength_aa=wave,
                      wavelength_medium=wavelength_medium, resolution=resolution, training_labels=None,
@@ -303,25 +309,7 @@ def _import_per_pixel(p: Path, arrays: dict, out, *, wavelength, wavelength_medi
             raise ModelFormatError(f"{p}: {k} is {arrays[k].shape} but the per-pixel layout needs a float {shape}.")
     if "w_array_2" in arrays:
         raise ModelFormatError(f"{p} mixes the per-pixel layout (3-d w_array_0) with a third layer (w_array_2).")
-    x_min = np.asarray(arrays["x_min"], np.float64).reshape(-1)
-    x_max = np.asarray(arrays["x_max"], np.float64).reshape(-1)
-    if x_min.shape != (n_labels,) or x_max.shape != (n_labels,):
-        raise ModelFormatError(f"{p}: x_min/x_max have {x_min.size}/{x_max.size} values but the network "
-                               f"takes {n_labels} labels.")
-    if label_names is None:
-        if "label_names" in arrays and arrays["label_names"].dtype.kind == "U":
-            label_names = [str(s) for s in arrays["label_names"].reshape(-1)]
-        else:
-            label_names = _default_label_names(n_labels, n_pix)
-    label_names = [str(s) for s in label_names]
-    if len(label_names) != n_labels:
-        raise ModelFormatError(f"{len(label_names)} label names were given but the network takes {n_labels} labels.")
-    if wavelength is None:
-        if "wavelength" not in arrays:
-            raise ModelFormatError(f"{p} holds no wavelength grid; pass wavelength= (an array or a file of "
-                                   f"{n_pix} Angstrom values).")
-        wavelength = arrays["wavelength"]
-    wave = _read_wavelength(wavelength, n_pix)
+    x_min, x_max, label_names, wave = _npz_scaling_names_wave(arrays, p, n_labels, n_pix, label_names, wavelength)
     apogee = n_pix == _APOGEE_N_PIX and 15000 < wave[0] < wave[-1] < 17100
     notes = ["output: continuum-normalised flux (pseudo-continuum: a polynomial per chip fitted to the "
              "continuum pixels), so a fit needs no full continuum, only a low-order correction"]
