@@ -198,6 +198,7 @@ def main():
                 flags = np.concatenate([r.flags for r in ours[m]])
                 n_iter = np.concatenate([r.n_iter for r in ours[m]])
                 results[f"ours/{m}"] = dict(labels=labels, errors=errors, inside=(flags & Flag.AT_LABEL_BOUND) == 0,
+                                            fit_ok=(flags & (Flag.NOT_CONVERGED | Flag.CHI2_HIGH)) == 0,
                                             seconds=t_ours[m], n=n, iters=float(np.mean(n_iter)),
                                             clean=float(np.mean(flags == 0)))
             for v in refs:
@@ -207,7 +208,8 @@ def main():
                 errors = np.concatenate([r.errors for r in ref_out[v]])
                 at_b = np.concatenate([r.at_bound for r in ref_out[v]])
                 n_eval = np.concatenate([r.n_eval for r in ref_out[v]])
-                results[f"ref/{v}"] = dict(labels=labels, errors=errors, inside=~at_b, seconds=t_ref[v], n=len(labels),
+                results[f"ref/{v}"] = dict(labels=labels, errors=errors, inside=~at_b, fit_ok=np.ones(len(labels), bool),
+                                           seconds=t_ref[v], n=len(labels),
                                            iters=float(np.mean(n_eval)), clean=float(np.mean(~at_b)))
             for name, r in results.items():
                 k = r["n"]
@@ -221,9 +223,15 @@ def main():
                     row[f"scatter_{nm}"] = float(np.std(d[:, j]))
                     row[f"pull_std_{nm}"] = float(np.std(pull[:, j]))
                     row[f"beyond5_{nm}"] = float(np.mean(np.abs(pull[:, j]) > 5))
+                    # Over the stars a catalog user keeps: not flagged NOT_CONVERGED or CHI2_HIGH.
+                    ok = r["fit_ok"]
+                    row[f"pull_std_fitok_{nm}"] = float(np.std(pull[ok, j]))
+                    row[f"beyond5_fitok_{nm}"] = float(np.mean(np.abs(pull[ok, j]) > 5))
+                    row[f"pull_robust_{nm}"] = float(1.4826 * np.median(np.abs(pull[:, j] - np.median(pull[:, j]))))
                     if sd is not None:
                         z = d[r["inside"], j] / sd[:k][r["inside"], li[j]]
                         row[f"crb_ratio_{nm}"] = float(np.std(z))
+                row["fit_ok"] = float(np.mean(r["fit_ok"]))
                 if name.startswith("ours") and refs:
                     for v in refs:
                         rr = results.get(f"ref/{v}")
@@ -245,6 +253,9 @@ def main():
                     if key.startswith("speedup"):
                         line += f"  {key} {val:.1f}x"
                 print(line, flush=True)
+                print("      pulls all (std, >5 sigma) | fit-ok stars (%.1f %%) | robust std: " % (100 * row["fit_ok"]) + "  ".join(
+                    f"{nm}: {row[f'pull_std_{nm}']:.2f}, {100 * row[f'beyond5_{nm}']:.1f} % | {row[f'pull_std_fitok_{nm}']:.2f}, "
+                    f"{100 * row[f'beyond5_fitok_{nm}']:.1f} % | {row[f'pull_robust_{nm}']:.2f}" for nm in LABELS), flush=True)
                 for key, val in row.items():
                     if key.startswith("scatter_ratio"):
                         print(f"      {key}: {val[0]:.3f} [{val[1]:.3f}, {val[2]:.3f}]")

@@ -47,6 +47,7 @@ class FitConfig:
     n_start_labels: int = 4
     start_max_iter: int = 10           # stage 1 of a start (start labels only): iterations at most ...
     start_chi2_tol: float = 10.0       # ... and its (loose) convergence tolerance
+    start_decimate: int = 2            # ... on every k-th pixel when the model's own pixels are the working grid
     batch_size: int = 64               # stars per batch in the kernel
     cpu_matmul: str = "auto"           # CPU backend of the network's big products: auto (timed once) | torch | numpy
     # --- flags --------------------------------------------------------------------------------

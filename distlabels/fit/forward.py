@@ -20,6 +20,7 @@ broadening, the interpolation weights and the continuum. The network runs in its
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +80,7 @@ class ForwardModel:
         self.i_s = n_theta + 1 + int(self.i_q is not None) if broadener is not None and broadener.fit_lsf else None
         self.i_c = n_theta + 1 + self.n_extra
         self.n_par = self.i_c + self.n_cont
+        self._scratch: dict[int, dict[str, torch.Tensor]] = {}
         self.basis = torch.as_tensor(basis, dtype=dtype, device=device)          # (n_pix, n_cont)
         self.basis_t = self.basis.T.contiguous()                                 # (n_cont, n_pix)
         self.covered = torch.as_tensor(grid.covered, device=device)
@@ -112,8 +114,10 @@ class ForwardModel:
             # On a smooth grid (a model's linear-in-lambda pixels) the fractional index of a pixel shifted
             # by s dex is a quadratic in s to 1e-4 pixel over the RV range: u = u0 + a s + b s^2.
             self._taylor = None
+            self._taylor_fast = None
             lobs = np.asarray(log10_obs, np.float64)
             s_max = float(np.log10((1 + grid_v_max(grid) / 299792.458) / (1 - grid_v_max(grid) / 299792.458)) / 2)
+            self._s_max = s_max
             if s_max > 0:
                 idx = np.arange(len(nat), dtype=np.float64)
                 u_at = lambda sh: np.interp(lobs - sh, nat, idx)          # noqa: E731
@@ -125,6 +129,17 @@ class ForwardModel:
                           for sh in (0.5 * s_max, -0.3 * s_max, 0.9 * s_max))
                 if err < 1e-3:
                     self._taylor = tuple(torch.as_tensor(x, dtype=torch.float64, device=device) for x in (u0, a, b))
+                    # The same in the network's precision around the integer part of u0: the shift
+                    # itself is a few pixels at most, so float32 resolves it to ~1e-6 pixel, and the
+                    # per-pixel work (every trial point and Jacobian) halves.
+                    u0i = np.floor(u0)
+                    reach_px = np.abs(a) * s_max + np.abs(b) * s_max ** 2 + 2
+                    near = (u0 - reach_px < 0) | (u0 + reach_px > len(nat) - 1)
+                    self._taylor_fast = (torch.as_tensor(u0i.astype(np.int64), device=device),
+                                         torch.as_tensor(u0 - u0i, dtype=dtype, device=device),
+                                         torch.as_tensor(a, dtype=dtype, device=device),
+                                         torch.as_tensor(b, dtype=dtype, device=device),
+                                         torch.as_tensor(np.flatnonzero(near), device=device))
             # Observed pixels that are native pixels (data on the model's own grid): consecutive
             # pixels then read consecutive working pixels, in a few runs of constant offset per star.
             u0 = np.interp(lobs, nat, np.arange(len(nat), dtype=np.float64))
@@ -163,6 +178,21 @@ class ForwardModel:
             w, dw = cubic_weights(f)
             scale = (-dshift_dv / self.grid.step_dex).to(self.dtype)[:, None]       # df/dv
             return i, w, tuple(d * scale for d in dw)
+        if self._taylor_fast is not None and bool((shift_dex.abs() <= self._s_max).all()):
+            u0i, u0f, a, bb, edge = self._taylor_fast
+            sh = shift_dex.to(self.dtype)[:, None]
+            uf = u0f[None] + sh * (a[None] + sh * bb[None])                          # (n, n_pix) fractional part
+            k = uf.floor()
+            f = uf - k
+            i = u0i[None] + k.long()
+            if len(edge):
+                # Pixels whose taps can leave the grid: clamp as the float64 path does.
+                ie, fe = i[:, edge], f[:, edge]
+                i[:, edge] = ie.clamp(0, self.n_work - 2)
+                f[:, edge] = torch.where(ie < 0, torch.zeros_like(fe), torch.where(ie > self.n_work - 2,
+                                                                                     torch.ones_like(fe), fe))
+            dfdv = (a[None] + 2 * sh * bb[None]) * dshift_dv.to(self.dtype)[:, None]
+            return i, (1 - f, f), (-dfdv, dfdv)
         if self._taylor is not None:
             u0, a, bb = self._taylor
             sh = shift_dex[:, None]
@@ -259,12 +289,25 @@ class ForwardModel:
         return out
 
     # ------------------------------------------------------------------ evaluation
-    def working_rows(self, p: torch.Tensor, jac: bool, derivs: bool | None = None) -> torch.Tensor:
+    def _buffer(self, name: str, shape, dtype) -> torch.Tensor:
+        """A reusable scratch tensor of this shape (its contents are overwritten by the caller)."""
+        numel = int(np.prod(shape))
+        mine = self._scratch.setdefault(threading.get_ident(), {})     # per thread: a worker may run several fits
+        buf = mine.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = mine[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel].view(*shape)
+
+    def working_rows(self, p: torch.Tensor, jac: bool, derivs: bool | None = None, scratch: bool = False) -> torch.Tensor:
         """Network (and broadening) on the working grid: (n, 1 [+ n_theta] [+ n_extra], n_work).
 
-        jac: add the label derivatives; derivs (default: jac): add the broadening derivatives.
+        jac: add the label derivatives; derivs (default: jac): add the broadening derivatives;
+        scratch: the result may live in a buffer that the next call overwrites.
         """
         theta = p[:, : self.n_theta].to(self.dtype)
+        if jac and scratch and self.broadener is None and getattr(self.work, "stacked_out", False):
+            buf = self._buffer("rows", (len(theta), 1 + self.n_theta, self.n_work), self.dtype)
+            return self.work.value_and_jacobian_stacked(theta, out=buf)
         if jac:
             rows = self.work.value_and_jacobian_stacked(theta).to(self.dtype)
         else:
@@ -301,24 +344,36 @@ class ForwardModel:
             light += list(extra.unbind(1))
         return Evaluation(cont * y, y, cont, torch.stack(light, 1), obs[:, 1:1 + k] if labels else None)
 
-    def weighted_jacobian(self, p: torch.Tensor, sw: torch.Tensor):
-        """Model (n, n_pix) and sqrt(W) J (n, n_par, n_pix) at p, assembled in place (no concatenation).
+    def weighted_jacobian(self, p: torch.Tensor, sw: torch.Tensor, extra_rows: int = 0):
+        """Model (n, n_pix) and sqrt(W) J (n, n_par [+ extra_rows], n_pix) at p, assembled in place.
 
-        sw: (n, n_pix) square roots of the weights, in the model's dtype.
+        sw: (n, n_pix) square roots of the weights, in the model's dtype. extra_rows: rows left
+        for the caller to fill after the Jacobian's (the buffer is reused by the next call).
         """
-        rows = self.working_rows(p, jac=True, derivs=True)                  # (n, 1 + k + extra, W)
+        rows = self.working_rows(p, jac=True, derivs=True, scratch=True)    # (n, 1 + k + extra, W)
         i, w, dw = self.taps_at(p[:, self.i_v])
         n, k, ic = len(p), self.n_theta, self.i_c
         n_pix = self.basis.shape[0]
-        js = torch.empty(n, self.n_par, n_pix, dtype=rows.dtype, device=rows.device)
+        # js is consumed by the caller's normal equations before the next call: a reused buffer.
+        js = self._buffer("js", (n, self.n_par + extra_rows, n_pix), rows.dtype)
         y = self._interp(rows[:, :1], i, w)[:, 0]
-        self._interp(rows[:, 1:1 + k], i, w, out=js[:, :k])
-        self._interp(rows[:, :1], i, dw, out=js[:, k:k + 1])
-        if self.n_extra:
-            self._interp(rows[:, 1 + k:], i, w, out=js[:, k + 1:ic])
         cont = self.continuum(p)
-        js[:, :ic] *= (cont * sw)[:, None, :]
-        torch.mul((y * sw)[:, None, :], self.basis_t[None], out=js[:, ic:])
+        cs = cont * sw
+        if i.dim() == 1:
+            # Aligned grid: one weight per star and tap; scale afterwards.
+            self._interp(rows[:, 1:1 + k], i, w, out=js[:, :k])
+            self._interp(rows[:, :1], i, dw, out=js[:, k:k + 1])
+            if self.n_extra:
+                self._interp(rows[:, 1 + k:], i, w, out=js[:, k + 1:ic])
+            js[:, :ic] *= cs[:, None, :]
+        else:
+            # Per-pixel weights: fold cont * sqrt(w) into them (one pass over the Jacobian, not two).
+            wc = tuple(wt * cs for wt in w)
+            self._interp(rows[:, 1:1 + k], i, wc, out=js[:, :k])
+            self._interp(rows[:, :1], i, tuple(d * cs for d in dw), out=js[:, k:k + 1])
+            if self.n_extra:
+                self._interp(rows[:, 1 + k:], i, wc, out=js[:, k + 1:ic])
+        torch.mul((y * sw)[:, None, :], self.basis_t[None], out=js[:, ic:self.n_par])
         return cont * y, js
 
     def jacobian(self, ev: "Evaluation", jtheta: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ..config import FitConfig
@@ -199,8 +200,19 @@ class SpectrumFitter:
         # misfit of Teff/log g and settle in a wrong minimum that also biases log g.
         others = np.setdiff1d(np.arange(K), self.main)
         off_main = lm.offset + lm.matrix[:, others] @ self.theta_med[others]
-        work_main = base.with_inputs(lm.matrix[:, self.main], off_main).to(dev).eval()
-        self.fwd_main = ForwardModel(work_main, g, np.nan_to_num(log10_obs, nan=float(np.nanmin(log10_obs))), basis,
+        # On the model's own pixels stage 1 runs on every k-th observed pixel and every k-th model
+        # pixel (k = start_decimate): it only has to bring the main labels near the minimum, and
+        # stage 2 (all pixels, exact interpolation) takes over from there.
+        g1, base1, lobs1, basis1 = g, base, log10_obs, basis
+        k1 = int(cfg.start_decimate)
+        self.stage1_pixels = slice(None)
+        if native and k1 > 1 and self.n_pix >= 100 * k1:
+            g1 = _decimated_native_grid(lam_mod, lam_obs, k1, cfg.v_max_kms)
+            base1 = model.project(_sparse_torch(g1.projection))
+            self.stage1_pixels = slice(None, None, k1)
+            lobs1, basis1 = log10_obs[::k1], basis[::k1]
+        work_main = base1.with_inputs(lm.matrix[:, self.main], off_main).to(dev).eval()
+        self.fwd_main = ForwardModel(work_main, g1, np.nan_to_num(lobs1, nan=float(np.nanmin(log10_obs))), basis1,
                                      n_theta=len(self.main), fit_continuum=self.fit_continuum, broadener=broadener,
                                      device=dev, dtype=dt)
         self.sel_main = torch.as_tensor(np.concatenate([self.main, np.arange(K, P)]), device=dev)
@@ -491,18 +503,28 @@ class SpectrumFitter:
         # ``n_starts`` for any star that would be flagged CHI2_HIGH or NOT_CONVERGED (a local minimum or
         # a bad start); the lowest chi^2 wins.
         for j in range(1, cand.shape[1]):
-            chi2_red = best.chi2 / dof
-            poor = (chi2_red > cfg.chi2_red_high) & (chi2_red > 1 + cfg.chi2_sigma_high * torch.sqrt(2 / dof))
+            poor = self._poor(best, dof)
             sel = torch.arange(n, device=dev) if j < cfg.starts_always else torch.nonzero(poor | ~best.converged).flatten()
             if len(sel) == 0:
                 break
             st = self._run_start(d[sel], w[sel], cand[sel, j], v0[sel])
             n_iter[sel] += st.n_iter
-            better = st.chi2 < best.chi2[sel] - 1e-9
-            s_b = sel[better]
-            for name in ("p", "A", "g", "chi2", "converged", "decrement"):
-                getattr(best, name)[s_b] = getattr(st, name)[better]
+            self._keep_better(best, st, sel)
         self._finish(idx, best, n_iter, w, dof, ccf_gain, res)
+
+    def _poor(self, st, dof):
+        """(n,) bool: stars that would be flagged CHI2_HIGH (see :meth:`_finish`)."""
+        cfg = self.config
+        chi2_red = st.chi2 / dof
+        return (chi2_red > cfg.chi2_red_high) & (chi2_red > 1 + cfg.chi2_sigma_high * torch.sqrt(2 / dof))
+
+    @staticmethod
+    def _keep_better(best, st, sel):
+        """Stars sel of ``best`` take the results of ``st`` where its chi^2 is lower."""
+        better = st.chi2 < best.chi2[sel] - 1e-9
+        s_b = sel[better]
+        for name in ("p", "A", "g", "chi2", "converged", "decrement"):
+            getattr(best, name)[s_b] = getattr(st, name)[better]
 
     def _run_start(self, d, w, cand, v0):
         """LM from library entries cand (n,) at RV v0 (n,)."""
@@ -514,7 +536,8 @@ class SpectrumFitter:
                 p0[:, fwd.i_c:] = self._poly_continuum(d, w, fwd.shape(p0))
         sm = self.sel_main
         if cfg.start_max_iter > 0 and len(self.main) < self.lmap.n_theta:
-            st1 = levenberg_marquardt(self.fwd_main, d, w, p0[:, sm], free=self.free[sm], lo=self.lo[sm], hi=self.hi[sm],
+            k1 = self.stage1_pixels
+            st1 = levenberg_marquardt(self.fwd_main, d[:, k1], w[:, k1], p0[:, sm], free=self.free[sm], lo=self.lo[sm], hi=self.hi[sm],
                                       max_iter=cfg.start_max_iter, tol=cfg.start_chi2_tol, lambda_init=cfg.lambda_init)
             p0[:, sm] = st1.p
         st = levenberg_marquardt(fwd, d, w, p0, free=self.free, lo=self.lo, hi=self.hi, max_iter=cfg.max_iter,
@@ -609,6 +632,16 @@ class SpectrumFitter:
         w = torch.where(ok, ivar.to(m.dtype), torch.zeros_like(m))
         A, _, _ = normal_equations(m, jac.double(), m, w)
         return A
+
+
+def _decimated_native_grid(lam_mod, lam_obs, k: int, v_max_kms: float):
+    """Every k-th model pixel as a native working grid for every k-th observed pixel; its projection
+    picks those pixels out of the full model vector."""
+    sub = np.arange(0, len(lam_mod), k)
+    g = build_native_grid(lam_mod[sub], lam_obs[::k], v_max_kms=v_max_kms)
+    pick = sp.csr_matrix((np.ones(len(sub)), (np.arange(len(sub)), sub)), shape=(len(sub), len(lam_mod)))
+    return type(g)(g.log10_start, g.step_dex, g.n_work, g.covered, g.projection @ pick, g.sigma_ln, g.native,
+                   g.v_max_kms)
 
 
 def _segments_of(lam_obs, segments):

@@ -83,11 +83,16 @@ def weighted_normal_equations(fwd, p, sw, d):
     sw: (n, n_pix) square roots of the weights. The weighted Jacobian sqrt(W) J is assembled in
     place (n, P, n_pix) and multiplied by its own transpose.
     """
-    model, js = fwd.weighted_jacobian(p, sw)
-    rs = (d - model) * sw
-    A = (js @ js.transpose(1, 2)).double()
+    n_par = fwd.n_par
+    # The weighted residual rides as one more row of the Jacobian buffer, so a single batched
+    # product gives J^T W J and J^T W r (a separate matrix-vector product costs as much again).
+    model, js = fwd.weighted_jacobian(p, sw, extra_rows=1)
+    rs = js[:, n_par]
+    torch.mul(d - model, sw, out=rs)
+    M = (js @ js.transpose(1, 2)).double()
+    A = M[:, :n_par, :n_par]
     A = 0.5 * (A + A.transpose(1, 2))
-    g = (js @ rs[:, :, None])[:, :, 0].double()
+    g = M[:, :n_par, n_par].contiguous()
     return A, g, (rs.double() ** 2).sum(1)
 
 

@@ -115,3 +115,28 @@ def test_fixed_labels_stay_put(bossbrain_model, mock_snr50):
     np.testing.assert_allclose(res.labels[:, names.index("nm")], 0.1, atol=1e-5)
     assert np.all(res.errors[:, names.index("cm")] == 0)
     assert np.all(np.isfinite(res.labels[:, 0]))
+
+
+def test_fast_doppler_taps_equal_float64_path(bossbrain_model):
+    """On the model's own pixels the Doppler interpolation indices and weights are computed in the
+    network's precision around integer pixel positions; they must equal the float64 path (same
+    taps, weights within 1e-5 pixel) from a few m/s to the edge of the RV range."""
+    table, meta = make_mock(bossbrain_model, MockConfig(n=2, snr_min=50, snr_max=50, seed=3, grid="model",
+                                                        normalized=True))
+    f = SpectrumFitter(bossbrain_model, meta["wavelength_aa"], wavelength_medium=meta["wavelength_medium"],
+                       resolution=meta["resolution"], config=FitConfig(continuum_degree=-1, masks="none"))
+    fw = f.fwd
+    assert fw._taylor_fast is not None
+    v = torch.tensor([-499.0, -61.3, -0.004, 0.0, 3.7, 250.0, 499.0], dtype=torch.float64)
+    i_fast, w_fast, dw_fast = fw.taps_at(v)
+    saved, fw._taylor_fast = fw._taylor_fast, None
+    try:
+        i_ref, w_ref, dw_ref = fw.taps_at(v)
+    finally:
+        fw._taylor_fast = saved
+    assert torch.equal(i_fast, i_ref)
+    assert float((w_fast[1] - w_ref[1]).abs().max()) < 1e-5
+    ref = dw_ref[1].numpy()
+    np.testing.assert_allclose(dw_fast[1].numpy(), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    # Stage 1 runs on every other pixel of the model's grid, still on its own pixels.
+    assert f.stage1_pixels == slice(None, None, 2) and f.fwd_main.native_offset is not None
