@@ -97,6 +97,12 @@ def test_mixed_orders_are_valid_hats_and_answer_as_before(mixed, mock_catalog) -
     assert _duck_ids(root) == sorted(df.source_id)  # exactly once, as another tool sees it
     for q, a in zip(queries, answers):
         pd.testing.assert_frame_equal(cat.query(**q).sort_by("source_id").to_pandas(), a)
+    # a full scan: one scanner built from dataset/_metadata, each data file opened once
+    handler = CountingHandler()
+    open_catalog(root, filesystem=pafs.PyFileSystem(handler)).query(where="teff > 0", columns=["source_id"])
+    data = [p for p in handler.opened if p.endswith(".parquet")]
+    assert sum(p.endswith("/_metadata") for p in handler.opened) == 1
+    assert len(data) == len(set(data)) == len(info)
     # independent truth for the NaN case the scanner must not lose (row-group statistics leave NaN out)
     nan_rows = cat.query(where="not (teff > 3000)", columns=["source_id"])
     assert sorted(nan_rows.column(0).to_pylist()) == sorted(df.source_id[df.teff.isna()]) and nan_rows.num_rows > 10
