@@ -260,8 +260,9 @@ def markdown(rows: list[dict]) -> str:
            "| session: distlabels / DuckDB |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         pct = 100.0 * r["files_read"] / r["files"]
+        pct_text = f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
         out.append(f"| {r['layout']} | {r['query']} | {r['rows']:,} | {r['files_read']:,} / {r['files']:,} "
-                   f"({pct:.2g} %) | {r['ours_cold_s']:.2f} s / {r['duck_cold_s']:.2f} s | "
+                   f"({pct_text} %) | {r['ours_cold_s']:.2f} s / {r['duck_cold_s']:.2f} s | "
                    f"{r['ours_warm_s']:.2f} s / {r['duck_warm_s']:.2f} s | "
                    f"{r['ours_session_s']:.2f} s / {r['duck_session_s']:.2f} s |")
     return "\n".join(out)
