@@ -124,8 +124,9 @@ def _complete_marker(root: Path) -> Path:
 
 
 def recover(root: str | os.PathLike) -> int:
-    """Finish or undo what an interrupted ``compact`` left in ``ROOT/_staging``; returns 1 when
-    the dataset tree had to be put back, else 0. Every row ends in the catalog exactly once."""
+    """Finish or undo what an interrupted ``compact`` left in ``ROOT/_staging``; returns the number
+    of trees (or, from an older version's per-pixel swap, pixel directories) put back. Every row
+    ends in the catalog exactly once."""
     root = Path(root)
     staging = root / paths.STAGING_DIR
     if not staging.is_dir():
@@ -140,6 +141,15 @@ def recover(root: str | os.PathLike) -> int:
             os.rename(src, live)
             _fsync_dir(root)
             restored = 1
+    # a per-pixel swap of an older distlabels (``_staging/Norder=K/Dir=D/Npix=N.new|.old``) cut
+    # between its two renames: put the pixel back, the merged directory first
+    for d in sorted(staging.glob("Norder=*/Dir=*/Npix=*.new")) + sorted(staging.glob("Norder=*/Dir=*/Npix=*.old")):
+        norder, npix = paths.parse_pixel_dir(d)
+        live_pixel = paths.pixel_dir(root, norder, npix)
+        if live.is_dir() and not live_pixel.exists():
+            live_pixel.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(d, live_pixel)
+            restored += 1
     shutil.rmtree(staging)  # with dataset/ in place, whatever is staged is an old or unfinished tree
     return restored
 

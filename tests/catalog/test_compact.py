@@ -167,3 +167,15 @@ def test_rerun_after_compact_does_no_work(fitted_catalog, tmp_path, bossbrain_mo
     again = run_fit(bossbrain_model_dir, mock_store, root, RunConfig(workers=1, task_rows=40, progress=False))
     assert again.n_done == 0 and again.n_skipped == fitted_catalog[1].n_partitions
     assert _ids(root) == before
+
+
+def test_recover_puts_back_a_pixel_left_by_an_older_per_pixel_swap(cat_copy, mock_catalog) -> None:
+    # an older compact swapped one pixel directory at a time and could stop between its two renames
+    frag = open_catalog(cat_copy).fragments[0]
+    live = frag.parent
+    legacy = cat_copy / paths.STAGING_DIR / live.parent.parent.name / live.parent.name / f"{live.name}.old"
+    legacy.parent.mkdir(parents=True)
+    live.rename(legacy)
+    assert len(_ids(cat_copy)) < len(mock_catalog.df)
+    assert recover(cat_copy) == 1
+    assert _ids(cat_copy) == sorted(mock_catalog.df.source_id) and not (cat_copy / paths.STAGING_DIR).exists()
