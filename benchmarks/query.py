@@ -5,7 +5,10 @@ the sky with realistic columns (source_id, survey, ra, dec, _healpix_29, snr, 22
 errors, rv, rv_err, chi2_red, n_iter, flags, model_id), written through distlabels' own writer
 (``write_catalog_fragment``: one fragment per ``--fragment-rows`` rows of a pixel, as a fit run
 streams them; HEALPix order ``--order``) and its catalog-level files (``write_catalog_meta``).
-Then, for the streamed layout and again after ``compact_catalog``:
+Then, for the streamed layout, again after ``compact_catalog(max_rows=0)`` (one file per
+pixel: layout "compact") and again after the default row-count-adaptive compaction (sibling
+pixels merged upward while they hold at most ``--max-rows`` rows: layout "adaptive"; mixed
+HEALPix orders, a few hundred files for 10 M rows):
 
 - Q1, filter + projection: ``teff < 4500 and logg < 2.5 and mh < -1 and flags == 0`` ->
   source_id, teff, logg, mh, mgm;
@@ -44,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distlabels import paths  # noqa: E402
 from distlabels.catalog.compact import compact_catalog  # noqa: E402
+from distlabels.catalog.partitioning import DEFAULT_MAX_ROWS  # noqa: E402
 from distlabels.catalog.query import angular_separation, open_catalog  # noqa: E402
 from distlabels.catalog.writer import write_catalog_fragment, write_catalog_meta  # noqa: E402
 from distlabels.fit.flags import Flag  # noqa: E402
@@ -256,8 +260,9 @@ def markdown(rows: list[dict]) -> str:
            "| session: distlabels / DuckDB |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         pct = 100.0 * r["files_read"] / r["files"]
+        pct_text = f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
         out.append(f"| {r['layout']} | {r['query']} | {r['rows']:,} | {r['files_read']:,} / {r['files']:,} "
-                   f"({pct:.2g} %) | {r['ours_cold_s']:.2f} s / {r['duck_cold_s']:.2f} s | "
+                   f"({pct_text} %) | {r['ours_cold_s']:.2f} s / {r['duck_cold_s']:.2f} s | "
                    f"{r['ours_warm_s']:.2f} s / {r['duck_warm_s']:.2f} s | "
                    f"{r['ours_session_s']:.2f} s / {r['duck_session_s']:.2f} s |")
     return "\n".join(out)
@@ -271,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="/tmp/distlabels-bench-query")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--layouts", default="streamed,compact")
+    ap.add_argument("--layouts", default="streamed,compact,adaptive",
+                    help="in this order; each compaction rewrites the catalog, so with --reuse start "
+                         "from the layout the kept catalog has")
+    ap.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="compact's max_rows for 'adaptive'")
     ap.add_argument("--keep", action="store_true", help="keep the generated catalog")
     ap.add_argument("--reuse", action="store_true", help="reuse a catalog of the same size in --dir")
     ap.add_argument("--json", help="also write the figures to this JSON file")
@@ -297,17 +305,21 @@ def main(argv: list[str] | None = None) -> int:
         gen = generate(root, args.rows, args.order, args.fragment_rows)
         print(f"generated {gen['rows']:,} rows in {gen['files']:,} fragments over {gen['n_pixels']:,} pixels "
               f"(order {args.order}) in {gen['write_s']:.1f} s; catalog-level files {gen['meta_s']:.1f} s", flush=True)
-    results, compact_s = [], None
+    results, compact_s = [], {}
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
     try:
         if "streamed" in layouts and len(paths.list_fragments(root)) > json.loads(meta_file.read_text())["n_pixels"]:
             results += bench_layout(root, "streamed", args.threads, args.repeats)
-        if "compact" in layouts:
+        for name, max_rows in (("compact", 0), ("adaptive", args.max_rows)):
+            if name not in layouts:
+                continue
             t0 = time.perf_counter()
-            s = compact_catalog(root, progress=True)
-            compact_s = time.perf_counter() - t0
-            print(f"compact: {s.n_files_before:,} -> {s.n_files_after:,} files in {compact_s:.1f} s", flush=True)
-            results += bench_layout(root, "compact", args.threads, args.repeats)
+            s = compact_catalog(root, max_rows=max_rows, progress=True)
+            compact_s[name] = time.perf_counter() - t0
+            orders = sorted({k for k, _ in (paths.parse_pixel_dir(f.relative_to(root)) for f in paths.list_fragments(root))})
+            print(f"compact (max_rows={max_rows}): {s.n_files_before:,} -> {s.n_files_after:,} files, "
+                  f"{s.n_partitions:,} partitions at orders {orders}, in {compact_s[name]:.1f} s", flush=True)
+            results += bench_layout(root, name, args.threads, args.repeats)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

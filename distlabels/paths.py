@@ -144,31 +144,56 @@ def list_fragments(root: str | os.PathLike) -> list[Path]:
     return [p for p, _ in fragment_entries(root)]
 
 
-def _merged_names(record: Path) -> list[str]:
+def _record_entries(record: Path) -> tuple[list[str], list[str]]:
+    """(merged, merged_from) of a ``_compaction.json``: stems of fragments that were in the same
+    pixel directory, and paths (relative to ``dataset/``) of fragments merged up from finer pixels."""
     try:
-        names = json.loads(record.read_text()).get("merged", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [str(n) for n in names] if isinstance(names, list) else []
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return [], []
+    if not isinstance(data, dict):
+        return [], []
+    out = []
+    for key in ("merged", "merged_from"):
+        names = data.get(key, [])
+        out.append([str(n) for n in names] if isinstance(names, list) else [])
+    return out[0], out[1]
 
 
 def compacted_fragments(root: str | os.PathLike) -> set[str]:
     """Fragments merged by ``distlabels compact``, as paths relative to ``root``
     (``dataset/Norder=K/Dir=D/Npix=N/<name>.parquet``).
 
-    They no longer exist under their own names, but their rows are in the catalog, in their
-    pixel's ``Npix=N.parquet`` (listed in the pixel's ``_compaction.json``), so a run counts them
-    as written.
+    They no longer exist under their own names, but their rows are in the catalog: in their
+    pixel's ``Npix=N.parquet``, or in the file of a coarser pixel that contains it (compact merges
+    sibling pixels upward while their rows stay under a threshold); the pixel's
+    ``_compaction.json`` lists them, so a run counts them as written.
     """
     root = Path(root)
     out: set[str] = set()
     for rec in (root / DATASET_DIR).glob(f"Norder=*/Dir=*/Npix=*/{COMPACTION_RECORD}"):
         rel = rec.parent.relative_to(root).as_posix()
-        out.update(f"{rel}/{n}.parquet" for n in _merged_names(rec))
+        merged, merged_from = _record_entries(rec)
+        out.update(f"{rel}/{n}.parquet" for n in merged)
+        out.update(f"{DATASET_DIR}/{r}" for r in merged_from)
     return out
 
 
+def ancestors(norder: int, npix: int) -> list[tuple[int, int]]:
+    """The (order, pixel) of every coarser nested HEALPix pixel containing (norder, npix), coarsest first."""
+    return [(k, int(npix) >> (2 * (int(norder) - k))) for k in range(int(norder))]
+
+
 def is_compacted(root: str | os.PathLike, rel: str) -> bool:
-    """Whether fragment ``rel`` (relative to ``root``) was merged by ``distlabels compact``."""
+    """Whether fragment ``rel`` (relative to ``root``) was merged by ``distlabels compact``, into
+    its own pixel's file or into a coarser pixel's."""
     full = Path(root) / rel
-    return full.stem in _merged_names(full.parent / COMPACTION_RECORD)
+    if full.stem in _record_entries(full.parent / COMPACTION_RECORD)[0]:
+        return True
+    try:
+        norder, npix = parse_pixel_dir(full.parent)
+        in_dataset = full.relative_to(Path(root) / DATASET_DIR).as_posix()
+    except ValueError:
+        return False
+    return any(in_dataset in _record_entries(pixel_dir(root, k, p) / COMPACTION_RECORD)[1]
+               for k, p in ancestors(norder, npix))

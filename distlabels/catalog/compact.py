@@ -1,29 +1,40 @@
-"""``distlabels compact``: merge the fragments of each pixel directory into one file, safely.
+"""``distlabels compact``: fewer, larger files (row-count-adaptive HATS partitions), safely.
 
-A run streams one small fragment per finished task, so a pixel directory holds many files of a
-few hundred rows; queries pay per file. Compaction rewrites each pixel that holds two or more
-files as one ``Npix=N.parquet`` (rows sorted by ``_healpix_29``, zstd, row groups of
-``row_group_rows``) and then rewrites the catalog-level files.
+A run streams one small fragment per finished task into the store's sky pixels (one HEALPix
+order), so a catalog holds many files of a few hundred rows; full scans pay per file.
+Compaction (1) plans partitions by row count (:mod:`.partitioning`): sibling pixels are merged
+upward into a coarser pixel while the merged rows stay under ``max_rows``, as HATS does, so the
+catalog ends with mixed orders; (2) writes one ``Npix=N.parquet`` per partition (rows sorted by
+``_healpix_29``, zstd, row groups of ``row_group_rows``) in its ``Norder=K/Dir=D/Npix=N/``
+directory, with a ``_compaction.json`` naming the fragments it holds; (3) rewrites the
+catalog-level files. Pixels that do not change are left as they are.
 
-Safety, for readers and against a crash at any point:
+Safety, for readers and against a crash at any point. Merging pixels upward changes several
+directories at once, so the unit of the swap is the whole ``dataset/`` tree:
 
-1. The merged file and a ``_compaction.json`` record (the names of the fragments it holds) are
-   written and fsync'ed in ``ROOT/_staging/Norder=K/Dir=D/Npix=N.new/``, outside ``dataset/``,
-   so no reader (pyarrow, DuckDB's ``**`` glob, LSDB) ever sees them there.
-2. The staged directory and the live ``Npix=N`` directory are swapped in one atomic
-   ``renameat2(RENAME_EXCHANGE)`` (Linux): a reader listing the pixel sees either all the old
-   fragments or the merged file, never both and never neither. Where the exchange is not
-   available, the live directory is first renamed to ``Npix=N.old`` and the staged one into
-   place; a crash between the two renames leaves the pixel missing until the next ``compact``
-   (or any call of :func:`recover`) puts the merged (or, failing that, the old) directory back.
-3. The old directory, now in ``_staging``, is deleted.
+1. A new tree is built in ``ROOT/_staging/dataset.new/``, outside ``dataset/`` so that no reader
+   (pyarrow, DuckDB's ``**`` glob, LSDB) sees it: the merged files, written and fsync'ed, and a
+   hard link to every file that does not change (no data copied). A marker file says it is
+   complete.
+2. The new tree and ``dataset/`` are swapped in one atomic ``renameat2(RENAME_EXCHANGE)``
+   (Linux): a reader sees the old tree or the new one, never both and never neither. Where the
+   exchange is not available, ``dataset/`` is first renamed to ``_staging/dataset.old`` and the
+   new tree into place; a crash between the two renames leaves ``dataset/`` missing until the
+   next ``compact`` (or any call of :func:`recover`) puts the new (or, failing that, the old)
+   tree back.
+3. The old tree is deleted (files kept by hard links live on in the new tree).
 
-A reader that listed the old files just before the swap and opens them after it gets a
-file-not-found error (never wrong rows); :meth:`distlabels.catalog.Catalog.query` lists again
-and retries. A fit run writing into the catalog at the same time is refused (see ``_run.json``):
-fragments written into a directory while it is swapped out would be lost. The pipeline's
-re-run check (``Location.completed``) counts the fragments listed in ``_compaction.json``
-(:func:`distlabels.paths.compacted_fragments`), so merged fragments are not fitted again.
+A reader that listed the old tree just before the swap and opens its files after it may get a
+file-not-found error or files of the new tree; :meth:`distlabels.catalog.Catalog.query` notices
+(the ``dataset/`` directory it listed is no longer the one at that path), lists again and
+retries, so it never returns duplicated or missing rows. A fit run writing into the catalog at
+the same time is refused (see ``_run.json``). The pipeline's re-run check
+(``Location.completed``) counts the fragments listed in the ``_compaction.json`` of their own
+or of a coarser pixel (:func:`distlabels.paths.compacted_fragments`), so merged fragments are
+not fitted again. A later run that streams new fragments into a pixel lying inside a coarser
+compacted one writes them into the finer pixel's directory (the store's order); both pixels are
+then listed in ``partition_info.csv`` until the next ``compact`` merges the new files into the
+coarser pixel (a compacted pixel is never split again).
 """
 from __future__ import annotations
 
@@ -45,6 +56,7 @@ import pyarrow.parquet as pq
 
 from .. import paths
 from ..errors import DistlabelsError, StoreError
+from .partitioning import DEFAULT_MAX_ROWS, plan_partitions
 from .writer import write_catalog_meta
 
 __all__ = ["CompactSummary", "compact_catalog", "recover"]
@@ -57,7 +69,8 @@ _AT_FDCWD = -100
 class CompactSummary:
     catalog: str
     n_pixels: int = 0            # pixel directories in the catalog
-    n_compacted: int = 0         # pixel directories rewritten as one file
+    n_compacted: int = 0         # partitions (pixel directories) written anew
+    n_partitions: int = 0        # pixel directories after compaction
     n_files_before: int = 0
     n_files_after: int = 0
     n_rows: int = 0
@@ -90,11 +103,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _staging(root: Path, norder: int, npix: int, kind: str) -> Path:
-    live = paths.pixel_dir(root, norder, npix)
-    return root / paths.STAGING_DIR / live.parent.parent.name / live.parent.name / f"{live.name}.{kind}"
-
-
 def _visible_parquet(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.name.endswith(".parquet") and not p.name.startswith((".", "_")))
 
@@ -107,32 +115,42 @@ def _record(d: Path) -> dict[str, Any]:
         return {}
 
 
+def _staged(root: Path, kind: str) -> Path:
+    return root / paths.STAGING_DIR / f"{paths.DATASET_DIR}.{kind}"
+
+
+def _complete_marker(root: Path) -> Path:
+    return root / paths.STAGING_DIR / f"{paths.DATASET_DIR}.new.complete"
+
+
 def recover(root: str | os.PathLike) -> int:
     """Finish or undo what an interrupted ``compact`` left in ``ROOT/_staging``; returns the number
-    of pixel directories put back. Every pixel ends with all its rows exactly once."""
+    of trees (or, from an older version's per-pixel swap, pixel directories) put back. Every row
+    ends in the catalog exactly once."""
     root = Path(root)
     staging = root / paths.STAGING_DIR
     if not staging.is_dir():
         return 0
-    restored = 0
-    for d in sorted(staging.glob("Norder=*/Dir=*/Npix=*.*")):
-        stem, kind = d.name.rsplit(".", 1)
-        norder, npix = paths.parse_pixel_dir(d.parent.parent / d.parent.name / stem)
-        live = paths.pixel_dir(root, norder, npix)
-        if not live.exists():
-            # only the two-rename fallback leaves a pixel missing; the staged directory was
-            # complete before the live one was moved aside, so prefer it, else restore the old one
-            new, old = _staging(root, norder, npix, "new"), _staging(root, norder, npix, "old")
-            src = new if new.is_dir() else old if old.is_dir() else None
-            if src is not None:
-                live.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(src, live)
-                restored += 1
-        if d.exists() and kind in ("new", "old"):
-            shutil.rmtree(d)
-    for d in sorted(staging.glob("**/*"), reverse=True) + [staging]:  # empty folders, deepest first
-        if d.is_dir() and not any(d.iterdir()):
-            d.rmdir()
+    live, restored = root / paths.DATASET_DIR, 0
+    if not live.exists():
+        # only the two-rename fallback leaves dataset/ missing: the new tree was complete (its
+        # marker is written after every file was fsync'ed) before the old one was moved aside
+        new, old = _staged(root, "new"), _staged(root, "old")
+        src = new if new.is_dir() and _complete_marker(root).exists() else old if old.is_dir() else None
+        if src is not None:
+            os.rename(src, live)
+            _fsync_dir(root)
+            restored = 1
+    # a per-pixel swap of an older distlabels (``_staging/Norder=K/Dir=D/Npix=N.new|.old``) cut
+    # between its two renames: put the pixel back, the merged directory first
+    for d in sorted(staging.glob("Norder=*/Dir=*/Npix=*.new")) + sorted(staging.glob("Norder=*/Dir=*/Npix=*.old")):
+        norder, npix = paths.parse_pixel_dir(d)
+        live_pixel = paths.pixel_dir(root, norder, npix)
+        if live.is_dir() and not live_pixel.exists():
+            live_pixel.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(d, live_pixel)
+            restored += 1
+    shutil.rmtree(staging)  # with dataset/ in place, whatever is staged is an old or unfinished tree
     return restored
 
 
@@ -154,12 +172,8 @@ def _check_no_run(root: Path) -> None:
                               "if no run is writing.")
 
 
-def _merge_pixel(root: Path, norder: int, npix: int, files: list[Path], row_group_rows: int, use_exchange: bool,
-                 hook: Callable[[str], None] | None) -> bool:
-    """Rewrite pixel (norder, npix), whose visible files are ``files``, as one file. Returns
-    whether the atomic exchange was used."""
-    live = paths.pixel_dir(root, norder, npix)
-    name = paths.compacted_name(npix)
+def _read_merge(files: list[Path]) -> pa.Table:
+    """The rows of ``files`` in one table sorted by ``_healpix_29``, key-value metadata of the first."""
     tables, n_expected = [], 0
     for f in files:
         t = pq.ParquetFile(f).read()  # the file alone: no dataset discovery, no partition columns
@@ -168,69 +182,93 @@ def _merge_pixel(root: Path, norder: int, npix: int, files: list[Path], row_grou
     schema_md = tables[0].schema.metadata
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="permissive")
     if table.num_rows != n_expected:
-        raise StoreError(f"merging {live} read {table.num_rows} rows instead of {n_expected}; nothing was changed.")
+        raise StoreError(f"merging {files[0].parent} read {table.num_rows} rows instead of {n_expected}; "
+                         "nothing was changed.")
     if paths.HEALPIX_COLUMN in table.column_names:  # spatial order: tight row-group statistics
         table = table.sort_by([(paths.HEALPIX_COLUMN, "ascending")])
-    table = table.replace_schema_metadata(schema_md)
-    old_rec = _record(live)
-    merged = set(old_rec.get("merged", [])) | {f.stem for f in files if f.stem != name}
-    record = {"generation": int(old_rec.get("generation", 0)) + 1, "merged": sorted(merged),
-              "n_rows": table.num_rows, "files_merged": [f.name for f in files],
-              "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return table.replace_schema_metadata(schema_md)
 
-    stage = _staging(root, norder, npix, "new")
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    out = stage / f"{name}.parquet"
+
+def _write_target(root: Path, new_tree: Path, target: tuple[int, int], sources: dict[tuple[int, int], list[Path]],
+                  row_group_rows: int) -> int:
+    """Write the merged file and ``_compaction.json`` of pixel ``target`` into ``new_tree``
+    (fsync'ed); ``sources``: the files of every pixel that goes into it. Returns its rows."""
+    dataset = root / paths.DATASET_DIR
+    norder, npix = target
+    files = [f for key in sorted(sources) for f in sources[key]]
+    table = _read_merge(files)
+    live = paths.pixel_dir(root, norder, npix)
+    name = paths.compacted_name(npix)
+    old_rec = _record(live)
+    merged = set(old_rec.get("merged", [])) | {f.stem for f in sources.get(target, []) if f.stem != name}
+    merged_from = set(old_rec.get("merged_from", []))
+    for (k, p), fs in sources.items():
+        if (k, p) == target:
+            continue
+        src_dir = paths.pixel_dir(root, k, p)
+        rec = _record(src_dir)
+        rel_dir = src_dir.relative_to(dataset).as_posix()
+        merged_from |= {f"{rel_dir}/{n}.parquet" for n in rec.get("merged", [])} | set(rec.get("merged_from", []))
+        merged_from |= {f.relative_to(dataset).as_posix() for f in fs if f.stem != paths.compacted_name(p)}
+    record = {"generation": int(old_rec.get("generation", 0)) + 1, "merged": sorted(merged),
+              "merged_from": sorted(merged_from), "n_rows": table.num_rows,
+              "files_merged": [f.relative_to(dataset).as_posix() for f in files],
+              "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out_dir = new_tree / live.relative_to(dataset)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{name}.parquet"
     pq.write_table(table, out, compression="zstd", row_group_size=max(int(row_group_rows), 1))
-    (stage / paths.COMPACTION_RECORD).write_text(json.dumps(record, indent=1))
-    for f in (out, stage / paths.COMPACTION_RECORD):
+    (out_dir / paths.COMPACTION_RECORD).write_text(json.dumps(record, indent=1))
+    for f in (out, out_dir / paths.COMPACTION_RECORD):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(stage)
-    if hook:
-        hook("staged")
-
-    exchanged = use_exchange and _exchange(stage, live)
-    if exchanged:
-        old = stage                   # the exchange left the old directory at the staging path
-    else:
-        old = _staging(root, norder, npix, "old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(live, old)
-        if hook:
-            hook("moved_aside")
-        os.rename(stage, live)
-    _fsync_dir(live.parent)
-    if hook:
-        hook("swapped")
-    # fragments that arrived after the listing (a concurrent writer) are kept, not merged
-    done = {f.name for f in files}
-    for extra in _visible_parquet(old):
-        if extra.name not in done:
-            os.replace(extra, live / extra.name)
-    shutil.rmtree(old)
-    return exchanged
+    return table.num_rows
 
 
-def compact_catalog(root: str | os.PathLike, *, row_group_rows: int = 131_072, min_files: int = 2,
-                    force: bool = False, progress: bool = False, workers: int = 4, use_exchange: bool = True,
-                    hook: Callable[[str], None] | None = None) -> CompactSummary:
-    """Merge the fragments of every pixel directory of the catalog at ``root`` into one file each,
-    then rewrite ``catalog.json`` and the HATS files. Idempotent: a compact catalog is left as is
+def _link_tree(src: Path, dst: Path, skip: set[Path]) -> None:
+    """Hard-link every file under ``src`` into ``dst`` (same relative paths), except the files and
+    directories in ``skip``, hidden temporaries and the dataset-level ``_metadata`` files (rewritten
+    after the swap). Copies where hard links are not supported."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        d = Path(dirpath)
+        dirnames[:] = [n for n in dirnames if d / n not in skip and not n.startswith(".")]
+        for n in filenames:
+            f = d / n
+            if f in skip or n.startswith(".") or (d == src and n in (paths.COMMON_METADATA, paths.PARQUET_METADATA)):
+                continue
+            out = dst / f.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, out)
+            except OSError:
+                shutil.copy2(f, out)
+
+
+def _fsync_tree(tree: Path) -> None:
+    for dirpath, _, _ in os.walk(tree, topdown=False):
+        _fsync_dir(Path(dirpath))
+
+
+def compact_catalog(root: str | os.PathLike, *, max_rows: int | None = DEFAULT_MAX_ROWS, row_group_rows: int = 131_072,
+                    min_files: int = 2, force: bool = False, progress: bool = False, workers: int = 4,
+                    use_exchange: bool = True, hook: Callable[[str], None] | None = None) -> CompactSummary:
+    """Merge the fragments of the catalog at ``root`` into one file per partition, merging sibling
+    pixels upward while their rows stay under ``max_rows`` (see :mod:`.partitioning`), then
+    rewrite ``catalog.json`` and the HATS files. Idempotent: a compact catalog is left as is
     (apart from the catalog-level files).
 
-    min_files: pixels with at least this many files are rewritten (1: every pixel, e.g. to sort
-    its rows or change its row groups). workers: pixels merged at once (threads; the work is
-    Parquet decoding/encoding and fsync, which release the GIL). force: compact even though ``_run.json`` shows a run
-    that has not finished (only when no run is writing). use_exchange=False and ``hook`` (called with "staged", "moved_aside",
-    "swapped") exist for tests of the fallback path and of crashes.
+    max_rows: rows per merged coarser pixel (None or 0: never merge across pixels, one file per
+    pixel directory). min_files: a pixel that stays itself is rewritten when it holds at least
+    this many files (1: every pixel, e.g. to sort its rows or change its row groups). workers:
+    pixels merged at once (threads; Parquet decoding/encoding and fsync release the GIL). force:
+    compact even though ``_run.json`` shows a run that has not finished (only when no run is
+    writing). use_exchange=False and ``hook`` (called with "staged", "moved_aside", "swapped")
+    exist for tests of the fallback path and of crashes.
     """
     root = Path(root)
     t0 = time.perf_counter()
-    if not (root / paths.DATASET_DIR).is_dir():
+    dataset = root / paths.DATASET_DIR
+    if not dataset.is_dir() and not (root / paths.STAGING_DIR).is_dir():
         raise StoreError(f"{str(root)!r} is not a label catalog: it has no {paths.DATASET_DIR}/ directory.")
     if not force:
         _check_no_run(root)
@@ -240,30 +278,22 @@ def compact_catalog(root: str | os.PathLike, *, row_group_rows: int = 131_072, m
         except OSError:
             raise DistlabelsError(f"another 'distlabels compact' is running on {root}.") from None
         recover(root)
+        listing = paths.list_fragments(root)
         by_pixel: dict[tuple[int, int], list[Path]] = {}
-        for f in paths.list_fragments(root):
+        for f in listing:
             by_pixel.setdefault(paths.parse_pixel_dir(f.relative_to(root)), []).append(f)
-        summary = CompactSummary(str(root), n_pixels=len(by_pixel),
-                                 n_files_before=sum(len(v) for v in by_pixel.values()))
-        todo = [(k, v) for k, v in by_pixel.items() if len(v) >= max(int(min_files), 1)]
-        from concurrent.futures import ThreadPoolExecutor
-
-        from tqdm.auto import tqdm
-
-        with ThreadPoolExecutor(max(int(workers), 1)) as pool, \
-                tqdm(total=len(todo), desc="compact", unit="pixel", disable=not progress) as bar:
-            futures = [pool.submit(_merge_pixel, root, norder, npix, files, row_group_rows, use_exchange, hook)
-                       for (norder, npix), files in todo]
-            try:
-                for fut in futures:
-                    summary.exchange &= fut.result()
-                    summary.n_compacted += 1
-                    bar.update(1)
-            except BaseException:
-                for fut in futures:  # stop at the first failure; pixels in flight finish or stop safely
-                    fut.cancel()
-                raise
-        recover(root)  # removes the emptied staging folders
+        summary = CompactSummary(str(root), n_pixels=len(by_pixel), n_files_before=len(listing))
+        rows = {key: sum(pq.read_metadata(f).num_rows for f in fs) for key, fs in by_pixel.items()}
+        plan = plan_partitions(rows, max_rows)
+        groups: dict[tuple[int, int], dict[tuple[int, int], list[Path]]] = {}
+        for key, target in plan.items():
+            groups.setdefault(target, {})[key] = by_pixel[key]
+        todo = {t: srcs for t, srcs in groups.items()
+                if set(srcs) != {t} or len(srcs[t]) >= max(int(min_files), 1)}
+        if todo:
+            summary.exchange = _rebuild(root, todo, row_group_rows, workers, progress, use_exchange, hook)
+            summary.n_compacted = len(todo)
+        recover(root)  # removes the emptied staging area
         meta_path = root / paths.CATALOG_META
         try:
             meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -272,5 +302,62 @@ def compact_catalog(root: str | os.PathLike, *, row_group_rows: int = 131_072, m
         full = write_catalog_meta(root, meta if isinstance(meta, dict) else {})
         summary.n_rows = int(full.get("n_rows", 0))
         summary.n_files_after = int(full.get("n_fragments", 0))
+        summary.n_partitions = int(full.get("n_pixels", 0))
     summary.wall_s = time.perf_counter() - t0
     return summary
+
+
+def _rebuild(root: Path, todo: dict[tuple[int, int], dict[tuple[int, int], list[Path]]], row_group_rows: int,
+             workers: int, progress: bool, use_exchange: bool, hook: Callable[[str], None] | None) -> bool:
+    """Build the new dataset tree in ``_staging`` (merged files + hard links to the rest), swap it
+    with ``dataset/`` and delete the old tree. Returns whether the atomic exchange was used."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    dataset = root / paths.DATASET_DIR
+    new_tree = _staged(root, "new")
+    new_tree.mkdir(parents=True)
+    listed = {f for srcs in todo.values() for fs in srcs.values() for f in fs}
+    rewritten = {paths.pixel_dir(root, *key) for srcs in todo.values() for key in srcs} | \
+                {paths.pixel_dir(root, *t) for t in todo}
+    _link_tree(dataset, new_tree, rewritten)
+    with ThreadPoolExecutor(max(int(workers), 1)) as pool, \
+            tqdm(total=len(todo), desc="compact", unit="pixel", disable=not progress) as bar:
+        futures = [pool.submit(_write_target, root, new_tree, t, srcs, row_group_rows) for t, srcs in todo.items()]
+        try:
+            for fut in futures:
+                fut.result()
+                bar.update(1)
+        except BaseException:
+            for fut in futures:  # stop at the first failure; the live tree was not touched
+                fut.cancel()
+            raise
+    _fsync_tree(new_tree)
+    _complete_marker(root).write_bytes(b"")
+    _fsync_dir(new_tree.parent)
+    if hook:
+        hook("staged")
+
+    exchanged = use_exchange and _exchange(new_tree, dataset)
+    if exchanged:
+        old = new_tree                # the exchange left the old tree at the staging path
+    else:
+        old = _staged(root, "old")
+        os.rename(dataset, old)
+        if hook:
+            hook("moved_aside")
+        os.rename(new_tree, dataset)
+    _fsync_dir(root)
+    if hook:
+        hook("swapped")
+    # fragments a concurrent writer put into a rewritten pixel after the listing are kept, not merged
+    for d in rewritten:
+        old_dir = old / d.relative_to(dataset)
+        if old_dir.is_dir():
+            for extra in _visible_parquet(old_dir):
+                if d / extra.name not in listed:
+                    d.mkdir(parents=True, exist_ok=True)
+                    os.replace(extra, d / extra.name)
+    shutil.rmtree(old)
+    return exchanged

@@ -13,6 +13,7 @@ import json
 import math
 import operator
 import os
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,11 +29,14 @@ import pyarrow.parquet as pq
 from distlabels import paths
 from distlabels.errors import QueryError, StoreError
 
+from .scan import PART_SCHEMA as _PART_SCHEMA
+from .scan import PARTITION_COLUMNS, SCAN_MIN_FILES, file_dataset, pixels_touching_cone, read_files, scan_dataset
+from .scan import Vanished as _Vanished
+from .scan import angular_separation
+
 __all__ = ["Catalog", "CleanSelection", "CLEAN", "open_catalog", "parse_where", "format_table", "angular_separation"]
 
 _CHUNK_FILES = 64  # files read by one thread before one filter runs over their rows
-PARTITION_COLUMNS = ("Norder", "Dir", "Npix")  # from directory names, int32, queryable on request
-_PART_SCHEMA = pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS])
 FUNCTIONS = ("abs", "isnan", "isnull")
 _ALLOWED = ("use columns, constants, comparisons, and/or/not, + - * /, abs(), isnan(), isnull(), "
             "bit tests like flags & 4 == 0 and x in (a, b)")
@@ -274,28 +278,6 @@ def _names(expr: str) -> set[str]:
     return {n.id for n in ast.walk(ast.parse(expr.strip(), mode="eval")) if isinstance(n, ast.Name)}
 
 
-def angular_separation(ra1: Any, dec1: Any, ra2: Any, dec2: Any) -> np.ndarray:
-    """Great-circle distance in degrees between positions in degrees (haversine, broadcast)."""
-    r1, d1, r2, d2 = (np.radians(np.asarray(x, np.float64)) for x in (ra1, dec1, ra2, dec2))
-    h = np.sin((d1 - d2) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r1 - r2) / 2) ** 2
-    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0))))
-
-
-def _pixels_touching_cone(norder: int, npix: np.ndarray, ra: float, dec: float, radius: float) -> np.ndarray:
-    """Mask over ``npix`` (nested, order ``norder``) of pixels that may intersect the cone (degrees).
-
-    Conservative: keep a pixel whose centre is within radius + the pixel's own radius (centre to
-    sampled boundary points, plus 5% for the curved edges between samples)."""
-    from astropy_healpix import boundaries_lonlat, healpix_to_lonlat
-
-    nside = 2 ** int(norder)
-    lon, lat = healpix_to_lonlat(npix, nside, dx=0.5, dy=0.5, order="nested")
-    clon, clat = lon.deg, lat.deg
-    blon, blat = boundaries_lonlat(npix, 4, nside, order="nested")  # (n, 16) boundary samples
-    edge = angular_separation(blon.deg, blat.deg, clon[:, None], clat[:, None])
-    return angular_separation(clon, clat, ra, dec) <= radius + edge.max(axis=1) * 1.05 + 1e-9
-
-
 def _validate_cone(cone: Sequence[float]) -> tuple[float, float, float]:
     try:
         ra, dec, radius = (float(x) for x in cone)
@@ -348,10 +330,6 @@ class CleanSelection:
 CLEAN = CleanSelection()
 
 
-class _Vanished(Exception):
-    """A listed fragment disappeared before it was read (``compact`` swapped its directory)."""
-
-
 class Catalog:
     """A label catalog on disk (see :mod:`distlabels.paths` for the layout); read-only.
 
@@ -366,6 +344,7 @@ class Catalog:
         self._schema: pa.Schema | None = None
         self._listing_key: int | None = None
         self.last_files_read = 0  # fragment files opened by the latest query()
+        self._md_cache: dict = {}  # the dataset of dataset/_metadata, while that file is unchanged
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -413,10 +392,7 @@ class Catalog:
         return [p for p, _ in entries]
 
     def _dataset(self, files: Sequence[Path]) -> ds.Dataset:
-        return ds.dataset([str(f) for f in files], format="parquet", filesystem=self.filesystem,
-                          schema=pa.unify_schemas([self.schema, _PART_SCHEMA]),
-                          partitioning=ds.partitioning(_PART_SCHEMA, flavor="hive"),
-                          partition_base_dir=str(self.root / paths.DATASET_DIR))
+        return file_dataset(self.root, files, pa.unify_schemas([self.schema, _PART_SCHEMA]), self.filesystem)
 
     def query(self, where: str | None = None, columns: Sequence[str] | None = None,
               cone: Sequence[float] | None = None, limit: int | None = None,
@@ -432,15 +408,26 @@ class Catalog:
         for attempt in range(3):
             try:
                 return self._query(where, columns, cone, limit, clean)
-            except _Vanished as e:  # compact swapped a pixel directory between listing and reading
+            except _Vanished as e:  # compact swapped the dataset tree between listing and reading
                 if attempt == 2:
                     raise StoreError(f"the catalog at {self.root} kept changing while it was read "
                                      f"({e}); try again.") from None
+                time.sleep(0.05 * (attempt + 1))  # the two-rename fallback leaves dataset/ away briefly
         raise AssertionError("unreachable")
+
+    def _tree(self) -> tuple[int, int]:
+        """Identity of the ``dataset/`` directory now (``compact`` swaps the whole tree)."""
+        try:
+            st = os.stat(self.root / paths.DATASET_DIR)
+        except FileNotFoundError:
+            raise _Vanished("dataset/ is being swapped by compact") from None
+        return st.st_dev, st.st_ino
 
     def _query(self, where, columns, cone, limit, clean) -> pa.Table:
         self.last_files_read = 0
+        tree = self._tree()
         files = self._snapshot()
+        listed = len(files)
         schema = self.schema
         full = pa.unify_schemas([schema, _PART_SCHEMA])
         out_cols = list(schema.names) if columns is None else list(dict.fromkeys(columns))
@@ -459,6 +446,7 @@ class Catalog:
             filt = cf if filt is None else pc.and_kleene(filt, cf)
             needed |= _names(clean_where)
         cone_t = _validate_cone(cone) if cone is not None else None
+        band = None
         if cone_t is not None:
             if not {"ra", "dec"} <= set(schema.names):
                 raise StoreError(f"the catalog at {self.root} has no ra/dec columns for a cone search.")
@@ -472,8 +460,25 @@ class Catalog:
             # Norder/Dir/Npix conditions drop directories unopened
             files = [Path(f.path) for f in self._dataset(files).get_fragments(filter=filt)]
         read_cols = [c for c in full.names if c in needed]
-
         out_schema = pa.schema([full.field(c) for c in read_cols])
+
+        table = None
+        if limit is None and len(files) >= SCAN_MIN_FILES:
+            table = scan_dataset(self.root, files, full, out_schema, filt, band, where, self.filesystem,
+                                 self._md_cache, use_metadata=len(files) == listed)
+            self.last_files_read = len(files)
+        if table is None:
+            table = self._read_chunks(files, out_schema, filt, where, limit)
+        if cone_t is not None and table.num_rows:  # exact cut on the rows of candidate pixels
+            sep = angular_separation(table["ra"].to_numpy(), table["dec"].to_numpy(), cone_t[0], cone_t[1])
+            table = table.filter(pa.array(sep <= cone_t[2]))
+        if self._tree() != tree:  # compact swapped dataset/ while we read: rows may mix two trees
+            raise _Vanished("the catalog was compacted while it was read")
+        return (table if limit is None else table.slice(0, int(limit))).select(out_cols)
+
+    def _read_chunks(self, files: list[Path], out_schema: pa.Schema, filt: pc.Expression | None,
+                     where: str | None, limit: int | None) -> pa.Table:
+        """Per-file readers on threads, for a few files or a ``limit`` (stops opening files early)."""
         tables = [out_schema.empty_table()]
         n_rows, done = 0, 0
         workers = max(1, min(pa.cpu_count(), len(files)))
@@ -485,70 +490,12 @@ class Catalog:
             while done < len(files) and (limit is None or n_rows < limit):
                 batch = files[done:done + step]
                 parts = [batch[i:i + chunk] for i in range(0, len(batch), chunk)]
-                for t in pool.map(lambda fs: self._read_chunk(fs, out_schema, filt, where), parts):
-                    if cone_t is not None and t.num_rows:  # exact cut on the rows of candidate pixels
-                        sep = angular_separation(t["ra"].to_numpy(), t["dec"].to_numpy(), cone_t[0], cone_t[1])
-                        t = t.filter(pa.array(sep <= cone_t[2]))
+                for t in pool.map(lambda fs: read_files(self.root, fs, out_schema, filt, where, self.filesystem),
+                                  parts):
                     tables.append(t)
                     n_rows += t.num_rows
                 done = self.last_files_read = done + len(batch)
-        table = pa.concat_tables(tables)
-        return (table if limit is None else table.slice(0, int(limit))).select(out_cols)
-
-    def _read_chunk(self, files: Sequence[Path], out_schema: pa.Schema, filt: pc.Expression | None,
-                    where: str | None) -> pa.Table:
-        """The rows of ``files`` that pass ``filt``, with the columns of ``out_schema``.
-
-        One ``ParquetFile`` per file and one filter per chunk: for the many small files of a
-        sky-partitioned catalog this costs less per file than a dataset scan (measured in
-        benchmarks/query.py). Columns a fragment lacks are null; partition columns come from
-        its path.
-        """
-        tables = [self._read_file(f, out_schema) for f in files]
-        t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        if filt is None:
-            return t
-        try:
-            return t.filter(filt)
-        except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid, TypeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-            if where is None:
-                raise StoreError(f"cannot read the catalog at {self.root}: {first}.") from None
-            raise QueryError(f"could not evaluate --where {where!r}: {first}.") from None
-
-    def _read_file(self, path: Path, out_schema: pa.Schema) -> pa.Table:
-        names = out_schema.names
-        try:
-            src = self.filesystem.open_input_file(str(path)) if self.filesystem is not None else pa.OSFile(str(path))
-            try:
-                pf = pq.ParquetFile(src)
-                file_schema = pf.schema_arrow
-                t = pf.read(columns=[c for c in names if file_schema.get_field_index(c) >= 0], use_threads=False)
-            finally:
-                src.close()
-        except FileNotFoundError as e:
-            raise _Vanished(str(e).strip().splitlines()[0] if str(e).strip() else "a file vanished") from None
-        except OSError as e:
-            if "No such file" in str(e) or "not found" in str(e).lower():
-                raise _Vanished(str(e).strip().splitlines()[0]) from None
-            raise StoreError(f"cannot read {path}: {e}.") from None
-        except pa.ArrowInvalid as e:
-            raise StoreError(f"cannot read {path}: {e}.") from None
-        if t.schema.equals(out_schema):
-            return t  # the usual case: every fragment written alike
-        cols, part = [], None
-        for field in out_schema:
-            if field.name in t.column_names:
-                col = t.column(field.name)
-                cols.append(col if col.type == field.type else col.cast(field.type))
-            elif field.name in PARTITION_COLUMNS:
-                if part is None:
-                    norder, npix = paths.parse_pixel_dir(path)
-                    part = {"Norder": norder, "Dir": (npix // 10000) * 10000, "Npix": npix}
-                cols.append(pa.array(np.full(t.num_rows, part[field.name], np.int32)))
-            else:
-                cols.append(pa.nulls(t.num_rows, field.type))
-        return pa.Table.from_arrays(cols, schema=out_schema)
+        return pa.concat_tables(tables)
 
     def _prune(self, files: list[Path], ra: float, dec: float, radius: float) -> list[Path]:
         """Fragments whose pixel directory may intersect the cone (unparsable paths are kept)."""
@@ -558,12 +505,8 @@ class Catalog:
                 keys.append(paths.parse_pixel_dir(f.relative_to(self.root)))
             except ValueError:
                 keys.append(None)
-        keep: dict[tuple[int, int] | None, bool] = {None: True}
-        for norder in {k[0] for k in keys if k is not None}:
-            pix = np.array(sorted({k[1] for k in keys if k is not None and k[0] == norder}), np.int64)
-            mask = _pixels_touching_cone(norder, pix, ra, dec, radius) if radius < 180 else pix >= 0
-            keep.update({(norder, int(p)): bool(m) for p, m in zip(pix, mask)})
-        return [f for f, k in zip(files, keys) if keep[k]]
+        keep = pixels_touching_cone({k for k in keys if k is not None}, ra, dec, radius)
+        return [f for f, k in zip(files, keys) if k is None or k in keep]
 
 
 def open_catalog(path: str | os.PathLike, *, filesystem: Any = None) -> Catalog:

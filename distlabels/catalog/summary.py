@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow.dataset as ds
 
+from .. import paths
 from ..fit.flags import NOT_FITTED, Flag
 from .hats import read_properties, scan_catalog
 from .query import CLEAN, Catalog
@@ -85,6 +86,8 @@ def catalog_summary(cat: Catalog) -> dict[str, Any]:
                             "median_err": float(np.median(esample)) if esample.size else None})
     per_pixel = scan.files_per_pixel
     orders = sorted({k for k, _ in per_pixel})
+    # a run that streamed into a pixel inside a coarser compacted one leaves overlapping pixels
+    nested = any(a in per_pixel for key in per_pixel for a in paths.ancestors(*key))
     return {
         "catalog": str(cat.root),
         "provenance": {"model_id": prov.get("model_id") or cat.meta.get("model_id"),
@@ -93,7 +96,7 @@ def catalog_summary(cat: Catalog) -> dict[str, Any]:
                        "config_sha256": props.get("distlabels_config_sha256"),
                        "input_store": prov.get("store"), "fit_config": prov.get("fit_config")},
         "layout": {"healpix_orders": orders, "n_pixels": len(per_pixel), "n_files": len(scan.fragments),
-                   "n_bytes": scan.n_bytes, "compact": all(v == 1 for v in per_pixel.values()),
+                   "n_bytes": scan.n_bytes, "compact": all(v == 1 for v in per_pixel.values()) and not nested,
                    "hats_properties": bool(props), "hats_nrows": int(props["hats_nrows"]) if "hats_nrows" in props
                    else None, "hats_up_to_date": props.get("hats_nrows") == str(n_rows)},
         "rows": {"total": n_rows, "fitted": n_fitted, "not_fitted": n_rows - n_fitted, "flags_zero": n_flag0,

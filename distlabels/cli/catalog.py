@@ -107,9 +107,15 @@ def cmd_plot(args) -> int:
 def cmd_compact(args) -> int:
     from ..catalog.compact import compact_catalog
 
-    s = compact_catalog(args.catalog, force=bool(args.force), progress=not args.no_progress)
-    print(f"{s.catalog}: {s.n_compacted} of {s.n_pixels} pixels merged, {s.n_files_before:,} -> {s.n_files_after:,} "
-          f"files, {s.n_rows:,} rows, {s.wall_s:.1f} s; catalog-level files rewritten")
+    from ..catalog.partitioning import DEFAULT_MAX_ROWS
+
+    max_rows = DEFAULT_MAX_ROWS if args.max_rows is None else int(args.max_rows)
+    if max_rows < 0:
+        raise DistlabelsError(f"--max-rows must be 0 (one file per pixel) or a positive number of rows, not {max_rows}.")
+    s = compact_catalog(args.catalog, max_rows=max_rows, force=bool(args.force), progress=not args.no_progress)
+    print(f"{s.catalog}: {s.n_pixels:,} pixels -> {s.n_partitions:,} partitions ({s.n_compacted:,} written), "
+          f"{s.n_files_before:,} -> {s.n_files_after:,} files, {s.n_rows:,} rows, {s.wall_s:.1f} s; "
+          "catalog-level files rewritten")
     return 0
 
 
@@ -158,9 +164,17 @@ def register(sub, add) -> None:
     p.add_argument("--model", help="residuals: model directory (default: the one recorded in the catalog)")
     p.add_argument("--wave-range", help="residuals: zoom to LO,HI Angstrom")
 
-    c = add("compact", "merge each sky pixel's fragments into one file (safe while others read), "
-                       "then rewrite the HATS catalog-level files", cmd_compact)
+    c = add("compact", "merge the catalog's fragments into one file per sky partition, merging sibling "
+                       "pixels into coarser ones while they hold at most --max-rows rows (safe while others "
+                       "read), then rewrite the HATS catalog-level files", cmd_compact)
     c.add_argument("catalog")
+    # literal default (see clean_help above); a test keeps it equal to partitioning.DEFAULT_MAX_ROWS
+    c.add_argument("--max-rows", type=int, default=None, metavar="N",
+                   help="largest number of rows of a partition made by merging sibling pixels (default "
+                        "40000: 10 million stars end in ~770 files at order 3). Larger: fewer files and "
+                        "faster full-catalog scans, but a cone search reads more rows; smaller: the reverse. "
+                        "0: never merge pixels, one file per pixel directory. A compacted pixel is never "
+                        "split; a pixel already above N rows stays as it is")
     c.add_argument("--force", action="store_true", default=None,
                    help="compact although _run.json shows an unfinished run (only if none is writing)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")

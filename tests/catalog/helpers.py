@@ -9,6 +9,10 @@ import pyarrow.fs as pafs
 
 from distlabels import paths
 
+# compact's max_rows for the 3,000-row mock catalog (192 pixels at order 2, ~16 rows each, ~63 per
+# order-1 pixel): about half the order-1 pixels fit and are merged, the rest stay at order 2
+MIXED_MAX_ROWS = 62
+
 
 def copy_catalog(src: Path, dst: Path, *, with_meta: bool = True) -> Path:
     """A writable copy of a catalog; with its catalog-level (HATS) files written by distlabels."""

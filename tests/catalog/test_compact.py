@@ -17,6 +17,7 @@ from distlabels.catalog.writer import fragment_done
 from distlabels.errors import DistlabelsError
 from distlabels.healpix import parent_pixel
 from tests.catalog.conftest import ORDER
+from tests.catalog.helpers import MIXED_MAX_ROWS
 from tests.catalog.helpers import copy_catalog
 
 
@@ -49,7 +50,7 @@ def test_compact_keeps_every_row_once_and_same_answers(cat_copy, mock_catalog) -
     n_files = len(before.fragments)
     assert n_files > _n_pixels(df)  # even pixels hold two fragments
 
-    s = compact_catalog(cat_copy)
+    s = compact_catalog(cat_copy, max_rows=0)  # one file per pixel, no merging across pixels
     assert s.n_files_before == n_files and s.n_files_after == _n_pixels(df) == s.n_pixels
     assert s.n_rows == len(df) and s.n_compacted == n_files - _n_pixels(df)
     assert _ids(cat_copy) == sorted(df.source_id)  # exactly once, as another tool sees it
@@ -64,16 +65,17 @@ def test_compact_keeps_every_row_once_and_same_answers(cat_copy, mock_catalog) -
     meta = json.loads((cat_copy / "catalog.json").read_text())
     assert meta["n_fragments"] == _n_pixels(df) and meta["model_id"] == "payne-test-1"  # description kept
 
-    again = compact_catalog(cat_copy)  # idempotent
+    again = compact_catalog(cat_copy, max_rows=0)  # idempotent
     assert again.n_compacted == 0 and again.n_files_after == _n_pixels(df)
     assert _ids(cat_copy) == sorted(df.source_id)
 
 
-def test_compacted_catalog_is_strictly_valid_hats_and_opens_in_lsdb(cat_copy, mock_catalog) -> None:
+@pytest.mark.parametrize("max_rows", [0, MIXED_MAX_ROWS], ids=["per-pixel", "mixed-orders"])
+def test_compacted_catalog_is_strictly_valid_hats_and_opens_in_lsdb(cat_copy, mock_catalog, max_rows) -> None:
     import lsdb
     from hats.io.validation import is_valid_catalog
 
-    compact_catalog(cat_copy)
+    compact_catalog(cat_copy, max_rows=max_rows)
     assert is_valid_catalog(cat_copy, strict=True)
     got = lsdb.open_catalog(cat_copy, columns=["source_id"]).compute()
     assert sorted(got.source_id) == sorted(mock_catalog.df.source_id)
@@ -81,7 +83,8 @@ def test_compacted_catalog_is_strictly_valid_hats_and_opens_in_lsdb(cat_copy, mo
 
 def test_merged_fragments_still_count_as_written(cat_copy, mock_catalog) -> None:
     names = {(paths.parse_pixel_dir(f.relative_to(cat_copy)), f.stem) for f in open_catalog(cat_copy).fragments}
-    compact_catalog(cat_copy)
+    s = compact_catalog(cat_copy, max_rows=MIXED_MAX_ROWS)  # most fragments end in a coarser pixel's file
+    assert s.n_partitions < s.n_pixels
     for (norder, npix), stem in names:
         assert fragment_done(cat_copy, norder, npix, stem)
     (norder, npix), stem = next(iter(names))
@@ -101,17 +104,17 @@ def test_crash_at_any_step_loses_nothing(cat_copy, mock_catalog, exchange, step)
             raise Crash(where)
 
     with pytest.raises(Crash):
-        compact_catalog(cat_copy, use_exchange=exchange, hook=hook)
-    ids = _ids(cat_copy)
-    assert len(ids) == len(set(ids))  # never a duplicate, whatever the step
-    if step == "moved_aside":  # the two-rename fallback's window: one pixel is out of dataset/
-        assert len(ids) < len(expected) and set(ids) <= set(expected)
+        compact_catalog(cat_copy, max_rows=MIXED_MAX_ROWS, use_exchange=exchange, hook=hook)
+    if step == "moved_aside":  # the two-rename fallback's window: dataset/ is away, nothing is read
+        assert not (cat_copy / paths.DATASET_DIR).exists()
     else:
+        ids = _ids(cat_copy)
+        assert len(ids) == len(set(ids))  # never a duplicate, whatever the step
         assert ids == expected
     recover(cat_copy)
     assert _ids(cat_copy) == expected
-    s = compact_catalog(cat_copy, use_exchange=exchange)  # and a new compact completes the job
-    assert _ids(cat_copy) == expected and s.n_files_after == _n_pixels(mock_catalog.df)
+    s = compact_catalog(cat_copy, max_rows=MIXED_MAX_ROWS, use_exchange=exchange)  # a new compact completes the job
+    assert _ids(cat_copy) == expected and s.n_files_after == s.n_partitions < _n_pixels(mock_catalog.df)
     assert not (cat_copy / paths.STAGING_DIR).exists()
 
 
@@ -133,7 +136,7 @@ def test_readers_never_see_duplicates_or_losses_during_compact(cat_copy, mock_ca
     th = threading.Thread(target=reader)
     th.start()
     try:
-        compact_catalog(cat_copy)
+        compact_catalog(cat_copy, max_rows=MIXED_MAX_ROWS)
     finally:
         stop.set()
         th.join()
@@ -164,3 +167,15 @@ def test_rerun_after_compact_does_no_work(fitted_catalog, tmp_path, bossbrain_mo
     again = run_fit(bossbrain_model_dir, mock_store, root, RunConfig(workers=1, task_rows=40, progress=False))
     assert again.n_done == 0 and again.n_skipped == fitted_catalog[1].n_partitions
     assert _ids(root) == before
+
+
+def test_recover_puts_back_a_pixel_left_by_an_older_per_pixel_swap(cat_copy, mock_catalog) -> None:
+    # an older compact swapped one pixel directory at a time and could stop between its two renames
+    frag = open_catalog(cat_copy).fragments[0]
+    live = frag.parent
+    legacy = cat_copy / paths.STAGING_DIR / live.parent.parent.name / live.parent.name / f"{live.name}.old"
+    legacy.parent.mkdir(parents=True)
+    live.rename(legacy)
+    assert len(_ids(cat_copy)) < len(mock_catalog.df)
+    assert recover(cat_copy) == 1
+    assert _ids(cat_copy) == sorted(mock_catalog.df.source_id) and not (cat_copy / paths.STAGING_DIR).exists()

@@ -68,6 +68,19 @@ def test_plot_every_kind(fitted_catalog, tmp_path):
     assert_one_line_error(run("plot", root, "kiel", "--out", tmp_path / "k.png", "--where", "logq < 1"), "'logq'")
 
 
+def test_compact_max_rows_help_and_errors(fitted_catalog, tmp_path):
+    from distlabels.catalog.partitioning import DEFAULT_MAX_ROWS
+
+    text = " ".join(run("compact", "--help").stdout.split())
+    assert f"(default {DEFAULT_MAX_ROWS}:" in text and "cone search reads more rows" in text
+    root = tmp_path / "cat"
+    shutil.copytree(fitted_catalog[0], root)
+    assert_one_line_error(run("compact", root, "--max-rows", "-5"), "--max-rows")
+    proc = run("compact", root, "--max-rows", "1000000", "--no-progress")  # everything fits in one order-0 pixel each
+    assert proc.returncode == 0, proc.stderr
+    assert "partitions" in proc.stdout and _duck(root) == _duck(fitted_catalog[0])
+
+
 def test_compact_and_info(fitted_catalog, tmp_path):
     root = tmp_path / "cat"
     shutil.copytree(fitted_catalog[0], root)
