@@ -43,8 +43,10 @@ class FitConfig:
     n_starts: int = 2                  # library candidates tried at most; beyond starts_always only for stars that
                                        # would be flagged CHI2_HIGH or NOT_CONVERGED; the lowest chi^2 wins
     starts_always: int = 1             # starts every star gets
+    restart_all_labels: bool = True    # then a star whose chi^2 is above its dof by > restart_chi2_sigma sigma
+    restart_chi2_sigma: float = 3.0    # (sqrt(2 dof)) is refitted from its best start with all labels free at once
     start_labels: tuple[str, ...] | None = None  # labels the start library varies (None: the n_start_labels that move the spectrum most)
-    n_start_labels: int = 4
+    n_start_labels: int = 5            # (5: Teff, log g, [M/H] and the two strongest others; 4 left CO-degenerate minima)
     start_max_iter: int = 10           # stage 1 of a start (start labels only): iterations at most ...
     start_chi2_tol: float = 10.0       # ... and its (loose) convergence tolerance
     start_decimate: int = 2            # ... on every k-th pixel when the model's own pixels are the working grid

@@ -510,6 +510,17 @@ class SpectrumFitter:
             st = self._run_start(d[sel], w[sel], cand[sel, j], v0[sel])
             n_iter[sel] += st.n_iter
             self._keep_better(best, st, sel)
+        # Stars still far above the noise: the best start again with all labels free from the first
+        # step. Stage 1 holds the weak labels at the median, and in cool metal-rich giants the main
+        # labels then absorb the CO/CN misfit and lead stage 2 into a secondary minimum (C and O both
+        # high) that any library start reaches the same way.
+        if cfg.restart_all_labels and len(self.main) < self.lmap.n_theta:
+            chi2_red = best.chi2 / dof
+            sel = torch.nonzero((chi2_red > 1 + cfg.restart_chi2_sigma * torch.sqrt(2 / dof)) | ~best.converged).flatten()
+            if len(sel):
+                st = self._run_start(d[sel], w[sel], cand[sel, 0], v0[sel], stage1=False)
+                n_iter[sel] += st.n_iter
+                self._keep_better(best, st, sel)
         self._finish(idx, best, n_iter, w, dof, ccf_gain, res)
 
     def _poor(self, st, dof):
@@ -526,8 +537,8 @@ class SpectrumFitter:
         for name in ("p", "A", "g", "chi2", "converged", "decrement"):
             getattr(best, name)[s_b] = getattr(st, name)[better]
 
-    def _run_start(self, d, w, cand, v0):
-        """LM from library entries cand (n,) at RV v0 (n,)."""
+    def _run_start(self, d, w, cand, v0, stage1: bool = True):
+        """LM from library entries cand (n,) at RV v0 (n,); stage1=False frees every label at once."""
         cfg, fwd = self.config, self.fwd
         p0 = self._initial_params(d, w, self.lib_theta[cand], v0)
         if fwd.i_q is not None:
@@ -535,14 +546,15 @@ class SpectrumFitter:
             if self.fit_continuum:
                 p0[:, fwd.i_c:] = self._poly_continuum(d, w, fwd.shape(p0))
         sm = self.sel_main
-        if cfg.start_max_iter > 0 and len(self.main) < self.lmap.n_theta:
+        two_stage = stage1 and cfg.start_max_iter > 0 and len(self.main) < self.lmap.n_theta
+        if two_stage:
             k1 = self.stage1_pixels
             st1 = levenberg_marquardt(self.fwd_main, d[:, k1], w[:, k1], p0[:, sm], free=self.free[sm], lo=self.lo[sm], hi=self.hi[sm],
                                       max_iter=cfg.start_max_iter, tol=cfg.start_chi2_tol, lambda_init=cfg.lambda_init)
             p0[:, sm] = st1.p
         st = levenberg_marquardt(fwd, d, w, p0, free=self.free, lo=self.lo, hi=self.hi, max_iter=cfg.max_iter,
                                  tol=cfg.chi2_tol, lambda_init=cfg.lambda_init)
-        if cfg.start_max_iter > 0 and len(self.main) < self.lmap.n_theta:
+        if two_stage:
             st.n_iter += st1.n_iter
         return st
 
