@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from ..errors import DistlabelsError
-from ..io.store import SpectraStore, list_to_numpy, open_store
+from ..io.store import SpectraStore, open_store
 from ..io.wavelength import C_KMS
 from ..models.continuum import fractional_index
 from ..models.resample import catmull_rom

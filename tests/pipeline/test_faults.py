@@ -15,7 +15,6 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from distlabels import paths
 from distlabels.cli.main import main
