@@ -384,10 +384,7 @@ def train_dd_payne(ts: TrainingSet, prior: Emulator | None, config: DDPayneTrain
         return score, {"chi2_per_pixel": chi2 / denom, "gradient_per_pixel": gsum / denom,
                        "model_variance": mv.cpu().tolist()}
 
-    loop_cfg = LoopConfig(optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                          batch_size=cfg.batch_size, epochs=cfg.epochs, patience=cfg.patience,
-                          lr_patience=cfg.lr_patience, min_learning_rate=cfg.min_learning_rate,
-                          checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
+    loop_cfg = LoopConfig.of(cfg)
     run_meta = {"kind": "payne-mlp", "method": "dd-payne", "label_names": list(ts.label_names), "n_pix": int(n_pix),
                 "hidden": list(cfg.hidden), "dd_payne_config": asdict(cfg)}
     t1 = time.perf_counter()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +44,31 @@ class LoopConfig:
     min_learning_rate: float = 1e-5
     checkpoint_every: int = 20
     seed: int = 0
+
+    @classmethod
+    def of(cls, cfg) -> "LoopConfig":
+        """The loop settings of a training config that carries fields of the same names."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
+class PixelErrors:
+    """Per-pixel absolute and squared validation errors, accumulated over batches of spectra."""
+
+    def __init__(self, n_pix: int, device):
+        self.err, self.sq, self.cnt = (torch.zeros(n_pix, dtype=torch.float64, device=device) for _ in range(3))
+
+    def add(self, diff: torch.Tensor, weight: torch.Tensor, pixels=slice(None)):
+        """diff: (n, p) model - data, already zero where weight is; weight: (n, p) 0/1; pixels: their columns."""
+        d = diff.double()
+        self.err[pixels] += d.abs().sum(0)
+        self.sq[pixels] += (d * d).sum(0)
+        self.cnt[pixels] += weight.sum(0)
+
+    def result(self):
+        """(MAE over all pixels, {"mae_per_pixel", "mse_per_pixel"}) as the training loop's validate returns."""
+        c = self.cnt.clamp_min(1)
+        mae = float(self.err.sum() / self.cnt.sum().clamp_min(1))
+        return mae, {"mae_per_pixel": (self.err / c).tolist(), "mse_per_pixel": (self.sq / c).tolist()}
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ..config import PayneTrainConfig
 from ..errors import DistlabelsError
 from ..models.payne import PayneMLP
 from .data import TrainingSet
-from .loop import LoopConfig, LoopResult, train_loop
+from .loop import LoopConfig, LoopResult, PixelErrors, train_loop
 
 
 class PayneNet(torch.nn.Module):
@@ -79,6 +79,23 @@ def split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def grid_labels(ts: TrainingSet) -> np.ndarray:
+    """The training set's labels (n, L) float64; refuses a grid too small to train and validate on."""
+    labels = np.asarray(ts.labels, np.float64)
+    if len(labels) < 10:
+        raise DistlabelsError(f"{len(labels)} grid spectra are too few to train and validate a network.")
+    return labels
+
+
+def label_box(label_names, labels: np.ndarray):
+    """Per-label (min, max) of the grid, the box scaled to [-0.5, 0.5]; refuses a label with one value."""
+    x_min, x_max = labels.min(0), labels.max(0)
+    const = [name for name, a, b in zip(label_names, x_min, x_max) if not b > a]
+    if const:
+        raise DistlabelsError(f"label(s) {', '.join(const)} take one value across the grid; drop them.")
+    return x_min, x_max
+
+
 def train_payne(ts: TrainingSet, config: PayneTrainConfig | None = None, *, device="cpu", out_dir=None,
                 resume: bool = False, progress: bool = True, meta: dict | None = None):
     """Train a Payne MLP on grid spectra; returns (PayneMLP, PayneTrainReport).
@@ -90,14 +107,9 @@ def train_payne(ts: TrainingSet, config: PayneTrainConfig | None = None, *, devi
 
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    labels = np.asarray(ts.labels, np.float64)
+    labels = grid_labels(ts)
     n, L = labels.shape
-    if n < 10:
-        raise DistlabelsError(f"{n} grid spectra are too few to train and validate a network.")
-    x_min, x_max = labels.min(0), labels.max(0)
-    const = [name for name, a, b in zip(ts.label_names, x_min, x_max) if not b > a]
-    if const:
-        raise DistlabelsError(f"label(s) {', '.join(const)} take one value across the grid; drop them.")
+    x_min, x_max = label_box(ts.label_names, labels)
     x = (labels - x_min) / (x_max - x_min) - 0.5
     flux = np.asarray(ts.flux, np.float32)
     ivar = np.asarray(ts.ivar, np.float32)
@@ -127,21 +139,13 @@ def train_payne(ts: TrainingSet, config: PayneTrainConfig | None = None, *, devi
             return ((m(xb) - yb) ** 2 * wb).sum() / (wb > 0).sum().clamp_min(1)
 
     def validate(m):
-        err = torch.zeros(n_pix, dtype=torch.float64, device=dev)
-        sq = torch.zeros(n_pix, dtype=torch.float64, device=dev)
-        cnt = torch.zeros(n_pix, dtype=torch.float64, device=dev)
+        acc = PixelErrors(n_pix, dev)
         for lo in range(0, len(xv), 4096):
-            d = (m(xv[lo:lo + 4096]) - yv[lo:lo + 4096]).double() * mv[lo:lo + 4096]
-            err += d.abs().sum(0)
-            sq += (d * d).sum(0)
-            cnt += mv[lo:lo + 4096].sum(0)
-        mae = float(err.sum() / cnt.sum().clamp_min(1))
-        return mae, {"mae_per_pixel": (err / cnt.clamp_min(1)).tolist(), "mse_per_pixel": (sq / cnt.clamp_min(1)).tolist()}
+            mb = mv[lo:lo + 4096]
+            acc.add((m(xv[lo:lo + 4096]) - yv[lo:lo + 4096]) * mb, mb)
+        return acc.result()
 
-    loop_cfg = LoopConfig(optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                          batch_size=cfg.batch_size, epochs=cfg.epochs, patience=cfg.patience,
-                          lr_patience=cfg.lr_patience, min_learning_rate=cfg.min_learning_rate,
-                          checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
+    loop_cfg = LoopConfig.of(cfg)
     run_meta = {"kind": "payne-mlp", "label_names": list(ts.label_names), "n_pix": int(n_pix),
                 "hidden": list(cfg.hidden), "payne_config": asdict(cfg)}
     result = train_loop(net, batch_loss, (xt, yt, wt), validate, loop_cfg, checkpoint_dir=out_dir, resume=resume,

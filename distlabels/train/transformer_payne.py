@@ -27,8 +27,8 @@ from ..config import TransformerPayneTrainConfig
 from ..errors import DistlabelsError
 from ..models.transformer_payne import TransformerPayne, TransformerPayneNet, _period_grid
 from .data import TrainingSet
-from .loop import LoopConfig, LoopResult, train_loop
-from .payne import split
+from .loop import LoopConfig, LoopResult, PixelErrors, train_loop
+from .payne import grid_labels, label_box, split
 
 
 @dataclass
@@ -78,10 +78,8 @@ def train_transformer_payne(ts: TrainingSet, config: TransformerPayneTrainConfig
 
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    labels = np.asarray(ts.labels, np.float64)
+    labels = grid_labels(ts)
     n, L = labels.shape
-    if n < 10:
-        raise DistlabelsError(f"{n} grid spectra are too few to train and validate a network.")
     if init is not None:
         if tuple(init.label_names) != tuple(ts.label_names):
             raise DistlabelsError(f"--init model has labels {','.join(init.label_names)} but the grid is trained on "
@@ -91,10 +89,7 @@ def train_transformer_payne(ts: TrainingSet, config: TransformerPayneTrainConfig
                                   f"{ts.wavelength_medium}.")
         x_min, x_max = init.x_min.cpu().numpy(), init.x_max.cpu().numpy()
     else:
-        x_min, x_max = labels.min(0), labels.max(0)
-        const = [name for name, a, b in zip(ts.label_names, x_min, x_max) if not b > a]
-        if const:
-            raise DistlabelsError(f"label(s) {', '.join(const)} take one value across the grid; drop them.")
+        x_min, x_max = label_box(ts.label_names, labels)
     x = (labels - x_min) / (x_max - x_min) - 0.5
     flux = np.asarray(ts.flux, np.float32)
     usable = np.isfinite(flux) & (np.asarray(ts.ivar) > 0)
@@ -141,25 +136,16 @@ def train_transformer_payne(ts: TrainingSet, config: TransformerPayneTrainConfig
     vidx = T(va)
 
     def validate(m):
-        err = torch.zeros(n_pix, dtype=torch.float64, device=dev)
-        sq = torch.zeros(n_pix, dtype=torch.float64, device=dev)
-        cnt = torch.zeros(n_pix, dtype=torch.float64, device=dev)
+        acc = PixelErrors(n_pix, dev)
         for lo in range(0, len(vidx), 64):
             s = vidx[lo:lo + 64]
             tok = m.tokens(X[s])
             for plo in range(0, n_pix, 2048):
                 sl = slice(plo, plo + 2048)
-                d = (m.decode(tok, E[sl]) - Y[s, sl]).double() * W[s, sl]
-                err[sl] += d.abs().sum(0)
-                sq[sl] += (d * d).sum(0)
-                cnt[sl] += W[s, sl].sum(0)
-        mae = float(err.sum() / cnt.sum().clamp_min(1))
-        return mae, {"mae_per_pixel": (err / cnt.clamp_min(1)).tolist(), "mse_per_pixel": (sq / cnt.clamp_min(1)).tolist()}
+                acc.add((m.decode(tok, E[sl]) - Y[s, sl]) * W[s, sl], W[s, sl], sl)
+        return acc.result()
 
-    loop_cfg = LoopConfig(optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                          batch_size=cfg.batch_size, epochs=cfg.epochs, patience=cfg.patience,
-                          lr_patience=cfg.lr_patience, min_learning_rate=cfg.min_learning_rate,
-                          checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
+    loop_cfg = LoopConfig.of(cfg)
     init_id = None if init is None else init.model_id
     run_meta = {"kind": "transformer-payne", "label_names": list(ts.label_names), "n_pix": int(n_pix),
                 "architecture": arch, "init": init_id, "transformer_payne_config": asdict(cfg)}
