@@ -36,11 +36,9 @@ examples:
 
 
 def _max_sigma(text: str) -> tuple[str, float]:
-    name, _, value = text.partition("=")
-    try:
-        return name.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--max-sigma expects LABEL=VALUE, got {text!r}") from None
+    from .main import parse_label_value     # main imports this module's parser lazily
+
+    return parse_label_value(text, "--max-sigma")
 
 
 def register(sub, add) -> None:

@@ -39,12 +39,17 @@ def _range(text: str) -> tuple[float, float]:
     return a, b
 
 
-def _fix(text: str) -> tuple[str, float]:
+def parse_label_value(text: str, option: str) -> tuple[str, float]:
+    """``LABEL=VALUE`` of a command-line option as (label, float); argparse's error otherwise."""
     name, _, value = text.partition("=")
     try:
         return name.strip(), float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--fix expects LABEL=VALUE, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{option} expects LABEL=VALUE, got {text!r}") from None
+
+
+def _fix(text: str) -> tuple[str, float]:
+    return parse_label_value(text, "--fix")
 
 
 def _apply_yaml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
