@@ -524,7 +524,7 @@ class SpectrumFitter:
         self._finish(idx, best, n_iter, w, dof, ccf_gain, res)
 
     def _poor(self, st, dof):
-        """(n,) bool: stars that would be flagged CHI2_HIGH (see :meth:`_finish`)."""
+        """(n,) bool: CHI2_HIGH, reduced chi^2 above chi2_red_high and > chi2_sigma_high sigma above 1."""
         cfg = self.config
         chi2_red = st.chi2 / dof
         return (chi2_red > cfg.chi2_red_high) & (chi2_red > 1 + cfg.chi2_sigma_high * torch.sqrt(2 / dof))
@@ -582,8 +582,7 @@ class SpectrumFitter:
         flags[(p[:, fwd.i_v].abs() >= cfg.v_max_kms - 1e-3).cpu().numpy()] |= Flag.RV_AT_BOUND
         flags[(~st.converged).cpu().numpy()] |= Flag.NOT_CONVERGED
         chi2_red = (st.chi2 / dof).cpu().numpy()
-        significant = chi2_red > 1 + cfg.chi2_sigma_high * np.sqrt(2 / dof.cpu().numpy())
-        flags[(chi2_red > cfg.chi2_red_high) & significant] |= Flag.CHI2_HIGH
+        flags[self._poor(st, dof).cpu().numpy()] |= Flag.CHI2_HIGH
         rv_err = var[:, -1].sqrt()
         rv_bad = ~torch.isfinite(rv_err) | (rv_err > cfg.rv_err_max_kms) | (ccf_gain < cfg.rv_min_ccf_delta_chi2)
         flags[rv_bad.cpu().numpy()] |= Flag.RV_FAILED
