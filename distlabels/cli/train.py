@@ -197,11 +197,7 @@ def register(sub, add) -> None:
     pp.add_argument("--patience", type=int, help="stop after this many epochs without a better validation MAE (200)")
     pp.add_argument("--seed", type=int, help="random seed (default 0)")
     pp.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto)")
-    pp.add_argument("--resume", action="store_true", default=None,
-                    help="continue from MODEL_DIR/checkpoint (raise --epochs to train longer)")
-    pp.add_argument("--out", help="output model directory (checkpoints in OUT/checkpoint)")
-    pp.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
-    pp.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    add_network_run_options(pp)
 
     from .train_dd_payne import add_dd_payne
 
@@ -210,3 +206,12 @@ def register(sub, add) -> None:
     from .train_transformer import register_kind   # TransformerPayne's action lives in its own module
 
     register_kind(kind)
+
+
+def add_network_run_options(p) -> None:
+    """--resume, --out, --overwrite, --no-progress: the same for every network trainer."""
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from MODEL_DIR/checkpoint (raise --epochs to train longer)")
+    p.add_argument("--out", help="output model directory (checkpoints in OUT/checkpoint)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")

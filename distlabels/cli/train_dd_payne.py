@@ -77,6 +77,8 @@ def cmd_train_dd_payne(args) -> int:
 
 def add_dd_payne(kind) -> None:
     """Add ``train dd-payne``; ``kind(name, help, func)`` makes a ``train`` action parser."""
+    from .train import add_network_run_options
+
     pd = kind("dd-payne", HELP, cmd_train_dd_payne)
     pd.add_argument("--spectra", help="spectra store of the reference stars (observed spectra)")
     pd.add_argument("--labels", help="comma-separated labels, e.g. teff,logg,mh,mgm (columns LABEL or true_LABEL)")
@@ -105,8 +107,4 @@ def add_dd_payne(kind) -> None:
     pd.add_argument("--patience", type=int, help="stop after this many epochs without a better held-out loss (100)")
     pd.add_argument("--seed", type=int, help="random seed (default 0)")
     pd.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto)")
-    pd.add_argument("--resume", action="store_true", default=None,
-                    help="continue from MODEL_DIR/checkpoint (raise --epochs to train longer)")
-    pd.add_argument("--out", help="output model directory (checkpoints in OUT/checkpoint)")
-    pd.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
-    pd.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    add_network_run_options(pd)

@@ -89,6 +89,8 @@ def cmd_train_transformer_payne(args) -> int:
 
 def register_kind(kind) -> None:
     """Add the ``transformer-payne`` action; ``kind(name, help, func)`` is the train command's adder."""
+    from .train import add_network_run_options
+
     sp = kind("transformer-payne", "train TransformerPayne (wavelength-query transformer, any wavelength grid) on a "
                                    "grid store, or fine-tune a trained one (--init)", cmd_train_transformer_payne)
     sp.add_argument("--grid", help="grid store: noiseless spectra with true_* label columns")
@@ -113,8 +115,4 @@ def register_kind(kind) -> None:
                                                     "improvement (6)")
     sp.add_argument("--seed", type=int, help="random seed (default 0)")
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto: cuda if present)")
-    sp.add_argument("--resume", action="store_true", default=None,
-                    help="continue from MODEL_DIR/checkpoint (raise --epochs to train longer)")
-    sp.add_argument("--out", help="output model directory (checkpoints in OUT/checkpoint)")
-    sp.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
-    sp.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    add_network_run_options(sp)
