@@ -132,8 +132,10 @@ def fragment_entries(root: str | os.PathLike) -> list[tuple[Path, int]]:
                     stack.append(e.path)
                 elif e.name.endswith(".parquet"):
                     out.append((e.path, e.inode()))
-    # Path order, as before: store manifests hash this order
-    return sorted(((Path(p), ino) for p, ino in out), key=lambda x: x[0])
+    # Path order, as before (store manifests hash this order): by components, like PurePosixPath,
+    # but on strings (comparing Path objects cost ~15 ms per 1,000 files, per query)
+    out.sort(key=lambda x: x[0].split(os.sep))
+    return [(Path(p), ino) for p, ino in out]
 
 
 def list_fragments(root: str | os.PathLike) -> list[Path]:

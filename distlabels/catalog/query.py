@@ -13,6 +13,7 @@ import json
 import math
 import operator
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -358,6 +359,8 @@ class Catalog:
         self.filesystem = filesystem
         self.engine = engine
         self.last_engine = ""  # "duckdb", "arrow" (one scanner) or "files" (per-file readers)
+        self._duck: tuple[Any, Any] | None = None  # (listing key, DuckDB connection)
+        self._duck_lock = threading.Lock()
         self._schema: pa.Schema | None = None
         self._listing_key: int | None = None
         self.last_files_read = 0  # fragment files opened by the latest query()
@@ -511,7 +514,7 @@ class Catalog:
         if pushed is None:  # nothing to push down: DuckDB would only be a slower reader
             return None
         try:
-            table = _sql.duckdb_scan(files, out_schema, pushed, pa.cpu_count())
+            table = _sql.duckdb_scan(self._duck_session(), files, out_schema, pushed)
         except FileNotFoundError as e:
             raise _Vanished(str(e)) from None
         except _sql.DuckDBFailed:
@@ -519,6 +522,15 @@ class Catalog:
         self.last_engine = "duckdb"
         # DuckDB returns one small chunk per file; one filter call over many chunks costs ~10x more
         return table if filt is None else apply_filter(table.combine_chunks(), filt, where, self.root)
+
+    def _duck_session(self) -> Any:
+        """This catalog's DuckDB database (with its Parquet metadata cache), new when the listing
+        of fragments changed since it was made, or the thread count did."""
+        key = (self._listing_key, pa.cpu_count())
+        with self._duck_lock:
+            if self._duck is None or self._duck[0] != key:  # the old one goes with its last cursor
+                self._duck = (key, _sql.connect(pa.cpu_count()))
+            return self._duck[1]
 
     def _read_chunks(self, files: list[Path], out_schema: pa.Schema, filt: pc.Expression | None,
                      where: str | None, limit: int | None) -> pa.Table:

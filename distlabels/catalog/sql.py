@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import ast
 import math
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-__all__ = ["available", "prefilter_sql", "duckdb_scan", "DuckDBFailed"]
+__all__ = ["available", "connect", "prefilter_sql", "duckdb_scan", "DuckDBFailed"]
 
 _CMP_SQL = {ast.Eq: "=", ast.NotEq: "<>", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
 _NEGATED = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.GtE, ast.LtE: ast.Gt, ast.Gt: ast.LtE,
@@ -50,8 +49,6 @@ _NEGATED = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.GtE, ast.LtE: ast.
 _FLIPPED = {ast.Eq: ast.Eq, ast.NotEq: ast.NotEq, ast.Lt: ast.Gt, ast.LtE: ast.GtE, ast.Gt: ast.Lt,
             ast.GtE: ast.LtE}
 _VANISHED = ("no files found", "no such file", "cannot open file", "could not open file")
-_DB: dict[str, Any] = {}  # one in-memory DuckDB database per process: a connection costs ~40 ms
-_DB_LOCK = threading.Lock()
 
 
 class DuckDBFailed(Exception):
@@ -235,23 +232,22 @@ def prefilter_sql(wheres: Sequence[str], schema: pa.Schema) -> str | None:
     return _Superset._join(True, parts)
 
 
-def _cursor(duckdb: Any, threads: int) -> Any:
-    """A cursor (its own connection, cheap) on the process's DuckDB database, with ``threads``.
+def connect(threads: int) -> Any:
+    """A DuckDB in-memory database for one :class:`~distlabels.catalog.query.Catalog` (a session).
 
-    No Parquet metadata cache: compact replaces files at the same paths, and a footer cached
-    from the old file must never be used to read the new one.
+    Its Parquet metadata cache is on: DuckDB re-reads a footer whenever the file's mtime is not
+    at least 10 s older than the cached read, and the catalog drops the whole database when the
+    (path, inode) listing changes, so a footer cached from a file that compact or a run replaced
+    (always by a rename: a new inode, a new mtime) is never used to read its successor.
     """
-    with _DB_LOCK:
-        if "db" not in _DB:
-            _DB["db"] = duckdb.connect(":memory:", config={"threads": threads})
-            _DB["threads"] = threads
-        elif _DB["threads"] != threads:  # a global setting: change it only when asked for another count
-            _DB["db"].execute(f"SET threads = {threads}")
-            _DB["threads"] = threads
-        return _DB["db"].cursor()
+    import duckdb
+
+    con = duckdb.connect(":memory:", config={"threads": max(1, int(threads))})
+    con.execute("SET parquet_metadata_cache = true")
+    return con
 
 
-def duckdb_scan(files: Sequence[Path], out_schema: pa.Schema, where_sql: str, threads: int) -> pa.Table:
+def duckdb_scan(con: Any, files: Sequence[Path], out_schema: pa.Schema, where_sql: str) -> pa.Table:
     """Rows of ``files`` passing ``where_sql``, columns and types of ``out_schema``, read by DuckDB.
 
     Raises FileNotFoundError when a file vanished (compact swapped the tree: the caller retries),
@@ -262,16 +258,16 @@ def duckdb_scan(files: Sequence[Path], out_schema: pa.Schema, where_sql: str, th
     cols = ", ".join(ident(c) for c in out_schema.names)
     listing = ", ".join(_string(str(f)) for f in files)
     sql = f"SELECT {cols} FROM read_parquet([{listing}], hive_partitioning = false) WHERE {where_sql}"
-    con = _cursor(duckdb, max(1, int(threads)))
+    cur = con.cursor()  # its own connection to the database: concurrent queries of one catalog
     try:
-        table = con.sql(sql).to_arrow_table()
+        table = cur.sql(sql).to_arrow_table()
     except duckdb.Error as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if isinstance(e, duckdb.IOException) and any(s in first.lower() for s in _VANISHED):
             raise FileNotFoundError(first) from None
         raise DuckDBFailed(first) from None
     finally:
-        con.close()
+        cur.close()
     try:
         return table.cast(out_schema) if not table.schema.equals(out_schema) else table
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:

@@ -222,3 +222,26 @@ def test_without_duckdb_auto_uses_arrow_and_duckdb_engine_says_how_to_install(na
     assert cat.last_engine == "arrow" and got.num_rows == int((x < np.float32(1)).sum())
     with pytest.raises(QueryError, match="pip install duckdb"):
         open_catalog(root, engine="duckdb")
+
+
+def test_one_catalog_sees_a_fragment_replaced_at_the_same_path(nan_catalog, tmp_path) -> None:
+    """A session's DuckDB keeps Parquet footers cached; a fragment replaced by a rename (as runs
+    and compact do) at the same path must be read anew, not through the old footer."""
+    import os
+    import shutil
+
+    root, _ = nan_catalog
+    shutil.copytree(root, tmp_path / "c")
+    cat = open_catalog(tmp_path / "c", engine="duckdb")
+    frag = paths.list_fragments(tmp_path / "c")[3]
+    before = cat.query(where="k >= 0", columns=["source_id", "k"])
+    old = pq.read_table(frag)
+    new = old.set_column(old.schema.get_field_index("k"), "k", pa.array(np.full(old.num_rows, 100, np.int64)))
+    new = pa.concat_tables([new, new.slice(0, 5).set_column(0, "source_id", pa.array([f"new{i}" for i in range(5)]))])
+    tmp = frag.with_name(".swap.parquet.tmp")
+    pq.write_table(new, tmp, row_group_size=ROW_GROUP)
+    os.replace(tmp, frag)
+    after = cat.query(where="k >= 100", columns=["source_id", "k"])
+    assert cat.last_engine == "duckdb"
+    assert sorted(after.column("source_id").to_pylist()) == sorted(new.column("source_id").to_pylist())
+    assert cat.query(where="k >= 0", columns=["source_id"]).num_rows == before.num_rows + 5
