@@ -361,6 +361,7 @@ class Catalog:
         self.last_engine = ""  # "duckdb", "arrow" (one scanner) or "files" (per-file readers)
         self._duck: tuple[Any, Any] | None = None  # (listing key, DuckDB connection)
         self._duck_lock = threading.Lock()
+        self._n_duck_scans = 0
         self._schema: pa.Schema | None = None
         self._listing_key: int | None = None
         self.last_files_read = 0  # fragment files opened by the latest query()
@@ -405,11 +406,11 @@ class Catalog:
         """The visible fragments now; the schema is read again when the listing changed (a run or
         compact may have rewritten ``_common_metadata``). Files are only ever replaced by
         renames, so (path, inode) pairs tell whether the listing changed."""
-        entries = paths.fragment_entries(self.root)
-        key = hash(tuple((str(p), ino) for p, ino in entries))
+        entries = paths.fragment_listing(self.root)
+        key = hash(tuple(entries))
         if key != self._listing_key:
             self._schema, self._listing_key = None, key
-        return [p for p, _ in entries]
+        return [Path(p) for p, _ in entries]
 
     def _dataset(self, files: Sequence[Path]) -> ds.Dataset:
         return file_dataset(self.root, files, pa.unify_schemas([self.schema, _PART_SCHEMA]), self.filesystem)
@@ -524,10 +525,14 @@ class Catalog:
         return table if filt is None else apply_filter(table.combine_chunks(), filt, where, self.root)
 
     def _duck_session(self) -> Any:
-        """This catalog's DuckDB database (with its Parquet metadata cache), new when the listing
-        of fragments changed since it was made, or the thread count did."""
+        """The DuckDB database for this scan: the process's shared one for this catalog's first
+        scan, then the catalog's own with a Parquet metadata cache (new when the listing of
+        fragments changed since it was made, or the thread count did)."""
         key = (self._listing_key, pa.cpu_count())
         with self._duck_lock:
+            self._n_duck_scans += 1
+            if self._n_duck_scans == 1:  # a one-off query (the CLI, a fresh object) needs no cache
+                return _sql.shared(pa.cpu_count())
             if self._duck is None or self._duck[0] != key:  # the old one goes with its last cursor
                 self._duck = (key, _sql.connect(pa.cpu_count()))
             return self._duck[1]
