@@ -10,6 +10,7 @@ import difflib
 import functools
 import io
 import json
+import logging
 import math
 import operator
 import os
@@ -518,8 +519,9 @@ class Catalog:
             table = _sql.duckdb_scan(self._duck_session(), files, out_schema, pushed)
         except FileNotFoundError as e:
             raise _Vanished(str(e)) from None
-        except _sql.DuckDBFailed:
-            return None  # e.g. fragments of an older schema: the Arrow path casts them
+        except _sql.DuckDBFailed as e:  # e.g. fragments of an older schema: the Arrow path casts them
+            logging.getLogger(__name__).info("DuckDB could not scan %s (%s); reading with pyarrow", self.root, e)
+            return None
         self.last_engine = "duckdb"
         # DuckDB returns one small chunk per file; one filter call over many chunks costs ~10x more
         return table if filt is None else apply_filter(table.combine_chunks(), filt, where, self.root)

@@ -284,6 +284,8 @@ def duckdb_scan(con: Any, files: Sequence[Path], out_schema: pa.Schema, where_sq
     cur = con.cursor()  # its own connection to the database: concurrent queries of one catalog
     try:
         table = cur.sql(sql).to_arrow_table()
+    except duckdb.InterruptException:
+        raise KeyboardInterrupt from None  # Ctrl-C stops the query, it does not retry it on pyarrow
     except duckdb.Error as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if isinstance(e, duckdb.IOException) and any(s in first.lower() for s in _VANISHED):
