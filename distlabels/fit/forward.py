@@ -340,51 +340,6 @@ class ForwardModel:
         pat = (w / w.mean(1, keepdim=True).clamp_min(1e-30)).median(0).values.to(m.dtype)
         return (m * pat[:, None]).T @ m
 
-    def approx_normal_equations(self, p: torch.Tensor, sw: torch.Tensor, d: torch.Tensor, G: torch.Tensor):
-        """J^T W J with its label block from G (:meth:`curvature_matrix`), exact J^T W r and chi^2 (float64).
-
-        Every block but the label-label one is exact: the label rows meet the residual, RV and
-        continuum rows by pulling those back through the network (a few (n_pix, H) matrix-vector
-        products instead of a full Jacobian). An LM step from this matrix goes downhill on the exact
-        chi^2 and stops where the exact gradient vanishes; only the path (and the convergence test,
-        which the caller repeats with the exact matrix) depends on the approximation.
-        """
-        n, k, n_pix = len(p), self.n_theta, self.basis.shape[0]
-        h, a = self.work.last_hidden(p[:, :k].to(self.dtype))                    # (n, H), (H, n, k)
-        hdim = h.shape[1]
-        yw = self.work.apply_output(h)[:, None, :]                             # (n, 1, n_work)
-        i, wt, dw = self.taps_at(p[:, self.i_v])
-        y = self._interp(yw, i, wt)[:, 0]
-        cont = self.continuum(p)
-        w = sw * sw
-        # Rows that meet the labels: residual, d model / d v, d model / d continuum (when fitted).
-        n_c = self.n_cont if self.fit_continuum else 0
-        e = torch.empty(n, 2 + n_c, n_pix, dtype=y.dtype, device=y.device)
-        torch.sub(d, cont * y, out=e[:, 0])
-        torch.mul(cont, self._interp(yw, i, dw)[:, 0], out=e[:, 1])
-        if n_c:
-            torch.mul(y[:, None, :], self.basis_t[None], out=e[:, 2:])
-        z = self.interp_t(e * (cont * w)[:, None, :], i, wt)                   # (n, R, n_work)
-        back = self.work.pullback(z.view(n * z.shape[1], -1)).view(n, -1, hdim)   # (n, R, H)
-        an = a.permute(1, 0, 2)                                                # (n, H, k)
-        x = (an.transpose(1, 2) @ back.transpose(1, 2)).double()              # (n, k, R): J_theta^T W e
-        es = e * sw[:, None, :]
-        nn = (es @ es.transpose(1, 2)).double()                                # (n, R, R)
-        ga = (G @ a.reshape(hdim, n * k)).view(hdim, n, k).permute(1, 0, 2)    # (n, H, k)
-        scale = (w * cont * cont).mean(1).double()
-        att = (an.transpose(1, 2) @ ga).double() * scale[:, None, None]
-        P = self.n_par
-        A = torch.zeros(n, P, P, dtype=torch.float64, device=p.device)      # held continuum: zero blocks
-        g = torch.zeros(n, P, dtype=torch.float64, device=p.device)
-        e_end = k + 1 + n_c
-        A[:, :k, :k] = 0.5 * (att + att.transpose(1, 2))
-        A[:, :k, k:e_end] = x[:, :, 1:]
-        A[:, k:e_end, :k] = x[:, :, 1:].transpose(1, 2)
-        A[:, k:e_end, k:e_end] = nn[:, 1:, 1:]
-        g[:, :k] = x[:, :, 0]
-        g[:, k:e_end] = nn[:, 1:, 0]
-        return A, g, nn[:, 0, 0]
-
     # ------------------------------------------------------------------ evaluation
     def _buffer(self, name: str, shape, dtype) -> torch.Tensor:
         """A reusable scratch tensor of this shape (its contents are overwritten by the caller)."""
@@ -492,3 +447,93 @@ class ForwardModel:
         rows = self.working_rows(p, jac=False)
         i, w, _ = self.taps_at(p[:, self.i_v])
         return self._interp(rows, i, w)[:, 0]
+
+
+@dataclass
+class _Parts:
+    """Forward pieces at a point that the approximate normal equations reuse (rows: stars)."""
+
+    a: torch.Tensor        # (H, n, k) d hidden / d theta
+    yw: torch.Tensor       # (n, 1, n_work) spectrum on the working grid
+    taps: tuple            # (i, w, dw) of ForwardModel.taps_at
+    y: torch.Tensor        # (n, n_pix) normalised model at the observed pixels
+    cont: torch.Tensor     # (n, n_pix)
+    r: torch.Tensor        # (n, n_pix) residual d - cont * y
+    chi2: torch.Tensor     # (n,) float64
+
+    def take(self, m: torch.Tensor) -> "_Parts":
+        i, w, dw = self.taps
+        return _Parts(self.a[:, m], self.yw[m], (i[m], tuple(t[m] for t in w), tuple(t[m] for t in dw)),
+                      self.y[m], self.cont[m], self.r[m], self.chi2[m])
+
+
+class ApproxCurvature:
+    """J^T W J with its label block from one (H, H) matrix per batch, the rest exact.
+
+    The label block of star s is approximated by c_s a_s^T G a_s, a_s = d hidden / d theta (H, k),
+    G from :meth:`ForwardModel.curvature_matrix`, c_s = mean(w_s cont_s^2): an (H, H) product
+    instead of the (n_pix, H) one of a full Jacobian. Every other block, J^T W r and chi^2 are
+    exact: the label rows meet the residual, RV and continuum rows by pulling those back through
+    the network (a few (n_pix, H) matrix-vector products). An LM step from this matrix goes downhill
+    on the exact chi^2 and stops where the exact gradient vanishes; only the path (and the stopping
+    test, which :func:`~distlabels.fit.lm.levenberg_marquardt` repeats on the exact matrix) depends
+    on the approximation.
+    """
+
+    def __init__(self, fwd: "ForwardModel", w: torch.Tensor | None = None, G: torch.Tensor | None = None):
+        self.fwd = fwd
+        self.G = fwd.curvature_matrix(w) if G is None else G
+
+    def on(self, fwd: "ForwardModel", pixel_fraction: float) -> "ApproxCurvature":
+        """The same approximation for a forward model with the same hidden layers on a subset of the
+        pixels (stage 1's every k-th pixel: pixel_fraction 1/k)."""
+        return ApproxCurvature(fwd, G=self.G * pixel_fraction)
+
+    def trial(self, p: torch.Tensor, d: torch.Tensor, w: torch.Tensor):
+        """chi^2 (n,) float64 at p (n, n_par) and the pieces :meth:`normal_equations` can reuse there."""
+        fwd = self.fwd
+        _, a = fwd.work.last_hidden(p[:, :fwd.n_theta].to(fwd.dtype))
+        yw = fwd.work.apply_output(_)[:, None, :]
+        i, wt, dw = fwd.taps_at(p[:, fwd.i_v])
+        y = fwd._interp(yw, i, wt)[:, 0]
+        cont = fwd.continuum(p)
+        r = d - cont * y
+        chi2 = (r * r * w).sum(1, dtype=torch.float64)
+        return chi2, _Parts(a, yw, (i, wt, dw), y, cont, r, chi2)
+
+    def normal_equations(self, p: torch.Tensor, sw: torch.Tensor, d: torch.Tensor, parts: _Parts | None = None):
+        """Approximate J^T W J (n, P, P), exact J^T W r (n, P) and chi^2 (n,), float64."""
+        fwd = self.fwd
+        w = sw * sw
+        if parts is None:
+            _, parts = self.trial(p, d, w)
+        n, k, n_pix = len(p), fwd.n_theta, fwd.basis.shape[0]
+        a, yw, (i, wt, dw), y, cont = parts.a, parts.yw, parts.taps, parts.y, parts.cont
+        hdim = a.shape[0]
+        # Rows that meet the labels: residual, d model / d v, d model / d continuum (when fitted).
+        n_c = fwd.n_cont if fwd.fit_continuum else 0
+        e = torch.empty(n, 2 + n_c, n_pix, dtype=y.dtype, device=y.device)
+        e[:, 0] = parts.r
+        torch.mul(cont, fwd._interp(yw, i, dw)[:, 0], out=e[:, 1])
+        if n_c:
+            torch.mul(y[:, None, :], fwd.basis_t[None], out=e[:, 2:])
+        z = fwd.interp_t(e * (cont * w)[:, None, :], i, wt)                    # (n, R, n_work)
+        back = fwd.work.pullback(z.view(n * z.shape[1], -1)).view(n, -1, hdim)  # (n, R, H)
+        an = a.permute(1, 0, 2)                                                # (n, H, k)
+        x = (an.transpose(1, 2) @ back.transpose(1, 2)).double()              # (n, k, R): J_theta^T W e
+        es = e * sw[:, None, :]
+        nn = (es @ es.transpose(1, 2)).double()                                # (n, R, R)
+        ga = (self.G @ a.reshape(hdim, n * k)).view(hdim, n, k).permute(1, 0, 2)   # (n, H, k)
+        scale = (w * cont * cont).mean(1).double()
+        att = (an.transpose(1, 2) @ ga).double() * scale[:, None, None]
+        P = fwd.n_par
+        A = torch.zeros(n, P, P, dtype=torch.float64, device=p.device)      # held continuum: zero blocks
+        g = torch.zeros(n, P, dtype=torch.float64, device=p.device)
+        end = k + 1 + n_c
+        A[:, :k, :k] = 0.5 * (att + att.transpose(1, 2))
+        A[:, :k, k:end] = x[:, :, 1:]
+        A[:, k:end, :k] = x[:, :, 1:].transpose(1, 2)
+        A[:, k:end, k:end] = nn[:, 1:, 1:]
+        g[:, :k] = x[:, :, 0]
+        g[:, k:end] = nn[:, 1:, 0]
+        return A, g, parts.chi2

@@ -32,7 +32,7 @@ from ..io.wavelength import C_KMS, to_vacuum
 from ..models.base import Emulator
 from .broadening import Broadener, vsini_resolution_limit_kms
 from .flags import Flag
-from .forward import ForwardModel
+from .forward import ApproxCurvature, ForwardModel
 from .labels import build_label_map
 from .lm import levenberg_marquardt, normal_equations
 from .masks import mask_windows, pixel_mask
@@ -206,7 +206,9 @@ class SpectrumFitter:
         g1, base1, lobs1, basis1 = g, base, log10_obs, basis
         k1 = int(cfg.start_decimate)
         self.stage1_pixels = slice(None)
+        self.stage1_step = 1
         if native and k1 > 1 and self.n_pix >= 100 * k1:
+            self.stage1_step = k1
             g1 = _decimated_native_grid(lam_mod, lam_obs, k1, cfg.v_max_kms)
             base1 = model.project(_sparse_torch(g1.projection))
             self.stage1_pixels = slice(None, None, k1)
@@ -501,8 +503,7 @@ class SpectrumFitter:
         # star gets the exact matrix before it stops, so minimum and errors are the exact ones.
         curv = None
         if cfg.approx_curvature and fwd.supports_approx_curvature:
-            G = fwd.curvature_matrix(w)
-            curv = lambda p_, sw_, d_: fwd.approx_normal_equations(p_, sw_, d_, G)  # noqa: E731
+            curv = ApproxCurvature(fwd, w)
         n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
         best = self._run_start(d, w, cand[:, 0], v0, curvature=curv)
         n_iter += best.n_iter
@@ -557,8 +558,13 @@ class SpectrumFitter:
         two_stage = stage1 and cfg.start_max_iter > 0 and len(self.main) < self.lmap.n_theta
         if two_stage:
             k1 = self.stage1_pixels
+            # Its result is only a start: it may stop on the approximate matrix.
+            c1 = None
+            if curvature is not None and self.fwd_main.supports_approx_curvature:
+                c1 = curvature.on(self.fwd_main, 1.0 / self.stage1_step)
             st1 = levenberg_marquardt(self.fwd_main, d[:, k1], w[:, k1], p0[:, sm], free=self.free[sm], lo=self.lo[sm], hi=self.hi[sm],
-                                      max_iter=cfg.start_max_iter, tol=cfg.start_chi2_tol, lambda_init=cfg.lambda_init)
+                                      max_iter=cfg.start_max_iter, tol=cfg.start_chi2_tol, lambda_init=cfg.lambda_init,
+                                      curvature=c1, exact_stop=False)
             p0[:, sm] = st1.p
         st = levenberg_marquardt(fwd, d, w, p0, free=self.free, lo=self.lo, hi=self.hi, max_iter=cfg.max_iter,
                                  tol=cfg.chi2_tol, lambda_init=cfg.lambda_init, curvature=curvature)

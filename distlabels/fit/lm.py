@@ -102,9 +102,9 @@ def weighted_normal_equations(fwd, p, sw, d):
 class _Batch:
     """Per-star state of one LM run: parameters and J^T W J, J^T W r, chi^2 at them.
 
-    With ``curvature`` (a function of (p, sqrt w, d) returning an approximate J^T W J with the
-    exact J^T W r and chi^2) stars move on that until they would stop; ``exact`` marks the stars
-    whose matrix is the exact one.
+    With ``curvature`` (a :class:`~distlabels.fit.forward.ApproxCurvature`: an approximate J^T W J
+    with the exact J^T W r and chi^2) stars move on that until they would stop; ``exact`` marks the
+    stars whose matrix is the exact one.
     """
 
     def __init__(self, fwd, d, w, p, curvature=None):
@@ -114,21 +114,27 @@ class _Batch:
         self.curvature = curvature
         n = len(p)
         self.exact = torch.full((n,), curvature is None, dtype=torch.bool, device=p.device)
-        ne = weighted_normal_equations(fwd, p, self.sw, d) if curvature is None else curvature(p, self.sw, d)
+        ne = (weighted_normal_equations(fwd, p, self.sw, d) if curvature is None
+              else curvature.normal_equations(p, self.sw, d))
         self.A, self.g, self.chi2 = ne
         self.n_jac = torch.full((n,), int(curvature is None), dtype=torch.int64, device=p.device)
 
-    def move(self, idx, p_new):
-        """Move stars idx to p_new and evaluate the Jacobian (or its approximation) there."""
+    def move(self, idx, p_new, parts=None):
+        """Move stars idx to p_new and evaluate the Jacobian (or its approximation) there; parts: the
+        trial's forward pieces at p_new (rows as idx), reused by the approximation."""
         if len(idx) == 0:
             return
         self.p[idx] = p_new
         ex = self.exact[idx]
-        for part, exact in ((idx[ex], True), (idx[~ex], False)):
+        for m, exact in ((ex, True), (~ex, False)):
+            part = idx[m]
             if len(part) == 0:
                 continue
             pp, sw, d = self.p[part], self.sw[part], self.d[part]
-            ne = weighted_normal_equations(self.fwd, pp, sw, d) if exact else self.curvature(pp, sw, d)
+            if exact:
+                ne = weighted_normal_equations(self.fwd, pp, sw, d)
+            else:
+                ne = self.curvature.normal_equations(pp, sw, d, None if parts is None else parts.take(m))
             self.A[part], self.g[part], self.chi2[part] = ne
             self.n_jac[part] += int(exact)
 
@@ -140,20 +146,25 @@ class _Batch:
             self.move(idx, self.p[idx])
 
     def chi2_at(self, idx, p):
+        """chi^2 (n,) float64 of stars idx at p, and the forward pieces there (None without curvature)."""
+        if self.curvature is not None:
+            return self.curvature.trial(p, self.d[idx], self.w[idx])
         m, _ = self.fwd.evaluate(p, jac=False)
         r = (self.d[idx] - m).double()
-        return (r * r * self.w[idx].double()).sum(1)
+        return (r * r * self.w[idx].double()).sum(1), None
 
 
 def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float, lambda_init: float,
-                        curvature=None) -> LMState:
+                        curvature=None, exact_stop: bool = True) -> LMState:
     """Fit every star of the batch from p (n, P) float64.
 
     fwd: a :class:`~distlabels.fit.forward.ForwardModel`; d, w: (n, n_pix) data and weights in its
     dtype; free: (P,) bool; lo, hi: (P,) float64 bounds. curvature: optional cheap J^T W J
     (see :class:`_Batch`); a star that would stop on it gets the exact matrix (one Jacobian) and
-    stops only if the test passes on that too, so the returned A is always exact.
+    stops only if the test passes on that too, so the returned A is always exact. exact_stop=False
+    (a start, whose matrix nobody reads) stops on the approximate matrix and returns it.
     """
+    check_exact = curvature is not None and exact_stop
     n = len(p)
     dev = p.device
     p = torch.minimum(torch.maximum(p, lo), hi).clone()
@@ -175,7 +186,7 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
         step, pred = _solve(Aa, ga, hold, lam_a)
         stop = (dec_a < tol) | (pred < tol)
         wait = torch.zeros_like(stop)
-        if curvature is not None:
+        if check_exact:
             # A star that would stop on the approximate matrix gets the exact one (one Jacobian) and
             # is tested again on it next round, without a step now.
             # So does one that has not stopped after APPROX_MAX_STEPS trials: the approximate matrix
@@ -194,7 +205,7 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
         if len(sel) == 0:
             continue
         trial = torch.minimum(torch.maximum(pa + step, lo), hi)
-        chi2_t = b.chi2_at(sel, trial)
+        chi2_t, parts = b.chi2_at(sel, trial)
         gain = b.chi2[sel] - chi2_t
         n_iter[sel] += 1
         ok = torch.isfinite(chi2_t) & (gain > 0)
@@ -203,11 +214,11 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
         lam[sel] = torch.where(ok, lam_a * torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3.0),
                                lam_a * nu[sel]).clamp_min(1e-7)
         nu[sel] = torch.where(ok, torch.full_like(lam_a, 2.0), nu[sel] * 2)
-        b.move(sel[ok], trial[ok])
+        b.move(sel[ok], trial[ok], None if parts is None else parts.take(ok))
         # Steps that fail even with heavy damping: at the minimum to numerical precision (judged on
         # the exact matrix: a star still on the approximate one gets it and goes on).
         stuck = lam[active] > 1e10
-        if curvature is not None:
+        if check_exact:
             redo = stuck & ~b.exact[active]
             if bool(redo.any()):
                 b.make_exact(active[redo])
@@ -217,5 +228,6 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
         converged[active[stuck]] = dec[active[stuck]] < 100 * tol
         active = active[~stuck]
     # Out of iterations: the covariance still needs the exact matrix.
-    b.make_exact(torch.arange(n, device=dev))
+    if check_exact:
+        b.make_exact(torch.arange(n, device=dev))
     return LMState(b.p, b.A, b.g, b.chi2, converged, n_iter, b.n_jac, dec)
