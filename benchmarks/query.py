@@ -1,4 +1,9 @@
-"""Catalog query speed: distlabels (pyarrow) against DuckDB on the same files, cold and warm.
+"""Catalog query speed: distlabels against DuckDB on the same files, cold and warm.
+
+distlabels runs the full scan (Q1) once per ``--engines`` entry: "auto" = its DuckDB engine when
+duckdb is installed (the filter pushed down as a NaN-safe superset, then its own exact Arrow
+filter on the result; :mod:`distlabels.catalog.sql`), "arrow" = the pyarrow scanner only. Cones
+read their few files with pyarrow whatever the engine.
 
 Generates a label catalog directly (no fitting): ``--rows`` stars (default 10 million) uniform on
 the sky with realistic columns (source_id, survey, ra, dec, _healpix_29, snr, 22 labels and their
@@ -177,10 +182,10 @@ def cone_sql(ra: float, dec: float, radius: float) -> str:
             f" <= radians({radius})")
 
 
-def run_ours(root: Path, query: dict, cat=None) -> tuple[pa.Table, int]:
-    cat = cat or open_catalog(root)
+def run_ours(root: Path, query: dict, cat=None, engine: str = "auto") -> tuple[pa.Table, int, str]:
+    cat = cat or open_catalog(root, engine=engine)
     t = cat.query(**query)
-    return t, cat.last_files_read
+    return t, cat.last_files_read, cat.last_engine
 
 
 def duck_connect(threads: int, metadata_cache: bool = False):
@@ -209,59 +214,64 @@ def timed(fn, *a):
     return time.perf_counter() - t0, out
 
 
-def bench_layout(root: Path, name: str, threads: int, repeats: int) -> list[dict]:
+def bench_layout(root: Path, name: str, threads: int, repeats: int, engines: list[str]) -> list[dict]:
     n_files = len(paths.list_fragments(root))
-    rows = []
-    cases = [("Q1 filter+projection", {"where": Q1_WHERE, "columns": Q1_COLUMNS}, duck_sql(root, Q1_COLUMNS, Q1_SQL), None)]
-    for c in CONES:
+    cases = [("Q1 filter+projection", {"where": Q1_WHERE, "columns": Q1_COLUMNS}, duck_sql(root, Q1_COLUMNS, Q1_SQL), None,
+              engines)]
+    for c in CONES:  # a cone reads its few files directly, whatever the engine
         cases.append((f"Q2 cone r=1 deg at ({c[0]:g}, {c[1]:g})", {"cone": c, "columns": Q2_COLUMNS},
-                      duck_sql(root, Q2_COLUMNS, cone_sql(*c)), c))
-    for label, ours_q, sql, cone in cases:
-        drop_cache(root)
-        cold_ours, (t_ours, files_ours) = timed(run_ours, root, ours_q)
-        drop_cache(root)
-        cold_duck, t_duck = timed(run_duck, root, sql, threads)
-        # warm: files in the page cache, new objects per query (as the CLI and a fresh script);
-        # alternated so that drifts of a shared machine hit both engines alike
-        warm_ours, warm_duck = [], []
-        for _ in range(repeats):
-            warm_ours.append(timed(run_ours, root, ours_q)[0])
-            warm_duck.append(timed(run_duck, root, sql, threads)[0])
-        # session: one Catalog / one DuckDB connection (with its Parquet metadata cache) reused
-        cat, con = open_catalog(root), duck_connect(threads, metadata_cache=True)
-        run_ours(root, ours_q, cat), run_duck(root, sql, threads, con)
-        sess_ours, sess_duck = [], []
-        for _ in range(repeats):
-            sess_ours.append(timed(run_ours, root, ours_q, cat)[0])
-            sess_duck.append(timed(run_duck, root, sql, threads, con)[0])
-        con.close()
-        warm_ours, warm_duck = statistics.median(warm_ours), statistics.median(warm_duck)
-        sess_ours, sess_duck = statistics.median(sess_ours), statistics.median(sess_duck)
-        if t_ours.num_rows != t_duck.num_rows:
-            raise SystemExit(f"{label}: distlabels returned {t_ours.num_rows} rows, DuckDB {t_duck.num_rows}")
-        if cone is not None:
-            a = sorted(t_ours.column("source_id").to_pylist())
-            b = sorted(t_duck.column("source_id").to_pylist())
-            sep = angular_separation(t_ours["ra"].to_numpy(), t_ours["dec"].to_numpy(), cone[0], cone[1])
-            if a != b or (sep > cone[2]).any():
-                raise SystemExit(f"{label}: the two engines disagree on the rows inside the cone")
-        rows.append({"layout": name, "query": label, "rows": t_ours.num_rows, "files": n_files,
-                     "files_read": files_ours, "ours_cold_s": cold_ours, "duck_cold_s": cold_duck,
-                     "ours_warm_s": warm_ours, "duck_warm_s": warm_duck, "ours_session_s": sess_ours,
-                     "duck_session_s": sess_duck})
-        print(f"  {name:<9} {label:<36} rows {t_ours.num_rows:>8,}  files read {files_ours:>6,}/{n_files:,}  "
-              f"cold {cold_ours:6.3f} vs DuckDB {cold_duck:6.3f} s   warm {warm_ours:6.3f} vs {warm_duck:6.3f} s   "
-              f"session {sess_ours:6.3f} vs {sess_duck:6.3f} s", flush=True)
-    return rows
+                      duck_sql(root, Q2_COLUMNS, cone_sql(*c)), c, engines[:1]))
+    return [bench_case(root, name, n_files, label, ours_q, sql, cone, engine, threads, repeats)
+            for label, ours_q, sql, cone, case_engines in cases for engine in case_engines]
+
+
+def bench_case(root: Path, name: str, n_files: int, label: str, ours_q: dict, sql: str, cone, engine: str,
+               threads: int, repeats: int) -> dict:
+    """One query timed for distlabels (with ``engine``) and DuckDB: cold, warm, session."""
+    drop_cache(root)
+    cold_ours, (t_ours, files_ours, used) = timed(run_ours, root, ours_q, None, engine)
+    drop_cache(root)
+    cold_duck, t_duck = timed(run_duck, root, sql, threads)
+    # warm: files in the page cache, new objects per query (as the CLI and a fresh script);
+    # alternated so that drifts of a shared machine hit both engines alike
+    warm_ours, warm_duck = [], []
+    for _ in range(repeats):
+        warm_ours.append(timed(run_ours, root, ours_q, None, engine)[0])
+        warm_duck.append(timed(run_duck, root, sql, threads)[0])
+    # session: one Catalog / one DuckDB connection (with its Parquet metadata cache) reused
+    cat, con = open_catalog(root, engine=engine), duck_connect(threads, metadata_cache=True)
+    run_ours(root, ours_q, cat), run_duck(root, sql, threads, con)
+    sess_ours, sess_duck = [], []
+    for _ in range(repeats):
+        sess_ours.append(timed(run_ours, root, ours_q, cat)[0])
+        sess_duck.append(timed(run_duck, root, sql, threads, con)[0])
+    con.close()
+    warm_ours, warm_duck = statistics.median(warm_ours), statistics.median(warm_duck)
+    sess_ours, sess_duck = statistics.median(sess_ours), statistics.median(sess_duck)
+    if t_ours.num_rows != t_duck.num_rows:
+        raise SystemExit(f"{label}: distlabels returned {t_ours.num_rows} rows, DuckDB {t_duck.num_rows}")
+    if cone is not None:
+        a = sorted(t_ours.column("source_id").to_pylist())
+        b = sorted(t_duck.column("source_id").to_pylist())
+        sep = angular_separation(t_ours["ra"].to_numpy(), t_ours["dec"].to_numpy(), cone[0], cone[1])
+        if a != b or (sep > cone[2]).any():
+            raise SystemExit(f"{label}: the two engines disagree on the rows inside the cone")
+    print(f"  {name:<9} {label:<36} {used:<6} rows {t_ours.num_rows:>8,}  files read {files_ours:>6,}/{n_files:,}  "
+          f"cold {cold_ours:6.3f} vs DuckDB {cold_duck:6.3f} s   warm {warm_ours:6.3f} vs {warm_duck:6.3f} s   "
+          f"session {sess_ours:6.3f} vs {sess_duck:6.3f} s", flush=True)
+    return {"layout": name, "query": label, "engine": used, "rows": t_ours.num_rows, "files": n_files,
+            "files_read": files_ours, "ours_cold_s": cold_ours, "duck_cold_s": cold_duck,
+            "ours_warm_s": warm_ours, "duck_warm_s": warm_duck, "ours_session_s": sess_ours,
+            "duck_session_s": sess_duck}
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| layout | query | rows | files read / files | cold: distlabels / DuckDB | warm: distlabels / DuckDB "
-           "| session: distlabels / DuckDB |", "|---|---|---:|---:|---:|---:|---:|"]
+    out = ["| layout | query | distlabels engine | rows | files read / files | cold: distlabels / DuckDB | "
+           "warm: distlabels / DuckDB | session: distlabels / DuckDB |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         pct = 100.0 * r["files_read"] / r["files"]
         pct_text = f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
-        out.append(f"| {r['layout']} | {r['query']} | {r['rows']:,} | {r['files_read']:,} / {r['files']:,} "
+        out.append(f"| {r['layout']} | {r['query']} | {r.get('engine', 'arrow')} | {r['rows']:,} | {r['files_read']:,} / {r['files']:,} "
                    f"({pct_text} %) | {r['ours_cold_s']:.2f} s / {r['duck_cold_s']:.2f} s | "
                    f"{r['ours_warm_s']:.2f} s / {r['duck_warm_s']:.2f} s | "
                    f"{r['ours_session_s']:.2f} s / {r['duck_session_s']:.2f} s |")
@@ -283,11 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated catalog")
     ap.add_argument("--reuse", action="store_true", help="reuse a catalog of the same size in --dir")
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--engines", default="auto,arrow",
+                    help="distlabels engines timed on the full scan (Q1), comma-separated: auto (DuckDB when "
+                         "installed), duckdb, arrow (default auto,arrow); cones use the first")
     args = ap.parse_args(argv)
 
     import duckdb
 
     pa.set_cpu_count(args.threads)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     root = Path(args.dir) / f"catalog-{args.rows}-o{args.order}"
     need = args.rows * 260 * 1.3  # compressed data ~ 150 B/row; room for the compact copy of one pixel
     free = shutil.disk_usage(Path(args.dir).parent if not Path(args.dir).exists() else args.dir).free
@@ -309,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
     try:
         if "streamed" in layouts and len(paths.list_fragments(root)) > json.loads(meta_file.read_text())["n_pixels"]:
-            results += bench_layout(root, "streamed", args.threads, args.repeats)
+            results += bench_layout(root, "streamed", args.threads, args.repeats, engines)
         for name, max_rows in (("compact", 0), ("adaptive", args.max_rows)):
             if name not in layouts:
                 continue
@@ -319,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             orders = sorted({k for k, _ in (paths.parse_pixel_dir(f.relative_to(root)) for f in paths.list_fragments(root))})
             print(f"compact (max_rows={max_rows}): {s.n_files_before:,} -> {s.n_files_after:,} files, "
                   f"{s.n_partitions:,} partitions at orders {orders}, in {compact_s[name]:.1f} s", flush=True)
-            results += bench_layout(root, name, args.threads, args.repeats)
+            results += bench_layout(root, name, args.threads, args.repeats, engines)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -111,13 +111,9 @@ def compacted_name(npix: int) -> str:
     return f"Npix={int(npix)}"
 
 
-def fragment_entries(root: str | os.PathLike) -> list[tuple[Path, int]]:
-    """(path, inode) of every visible Parquet fragment under ``root/dataset``, sorted by path.
-
-    Files and directories whose names start with '.' or '_' are skipped, as pyarrow does. The
-    inode comes free with the directory listing; since fragments are only ever replaced by a
-    rename (never rewritten in place), (path, inode) identifies a file's content.
-    """
+def fragment_listing(root: str | os.PathLike) -> list[tuple[str, int]]:
+    """(path string, inode) of every visible Parquet fragment under ``root/dataset``, in the
+    order of :func:`fragment_entries`; strings, for callers that list on every query."""
     base = Path(root) / DATASET_DIR
     if not base.is_dir():
         return []
@@ -132,8 +128,20 @@ def fragment_entries(root: str | os.PathLike) -> list[tuple[Path, int]]:
                     stack.append(e.path)
                 elif e.name.endswith(".parquet"):
                     out.append((e.path, e.inode()))
-    # Path order, as before: store manifests hash this order
-    return sorted(((Path(p), ino) for p, ino in out), key=lambda x: x[0])
+    # Path order, as before (store manifests hash this order): by components, like PurePosixPath,
+    # but on strings (comparing Path objects cost ~15 ms per 1,000 files, per query)
+    out.sort(key=lambda x: x[0].split(os.sep))
+    return out
+
+
+def fragment_entries(root: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(path, inode) of every visible Parquet fragment under ``root/dataset``, sorted by path.
+
+    Files and directories whose names start with '.' or '_' are skipped, as pyarrow does. The
+    inode comes free with the directory listing; since fragments are only ever replaced by a
+    rename (never rewritten in place), (path, inode) identifies a file's content.
+    """
+    return [(Path(p), ino) for p, ino in fragment_listing(root)]
 
 
 def list_fragments(root: str | os.PathLike) -> list[Path]:

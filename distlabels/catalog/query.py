@@ -13,6 +13,7 @@ import json
 import math
 import operator
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,13 +31,15 @@ from distlabels import paths
 from distlabels.errors import QueryError, StoreError
 
 from .scan import PART_SCHEMA as _PART_SCHEMA
-from .scan import PARTITION_COLUMNS, SCAN_MIN_FILES, file_dataset, pixels_touching_cone, read_files, scan_dataset
+from . import sql as _sql
+from .scan import PARTITION_COLUMNS, SCAN_MIN_FILES, apply_filter, file_dataset, pixels_touching_cone, read_files, scan_dataset
 from .scan import Vanished as _Vanished
 from .scan import angular_separation
 
 __all__ = ["Catalog", "CleanSelection", "CLEAN", "open_catalog", "parse_where", "format_table", "angular_separation"]
 
 _CHUNK_FILES = 64  # files read by one thread before one filter runs over their rows
+ENGINES = ("auto", "duckdb", "arrow")
 FUNCTIONS = ("abs", "isnan", "isnull")
 _ALLOWED = ("use columns, constants, comparisons, and/or/not, + - * /, abs(), isnan(), isnull(), "
             "bit tests like flags & 4 == 0 and x in (a, b)")
@@ -336,11 +339,29 @@ class Catalog:
     filesystem: a :class:`pyarrow.fs.FileSystem` through which fragment files are opened (the
     local one by default; tests wrap it to count files opened). Fragments are listed afresh by
     every query, so fragments streamed in by a running fit, or merged by ``compact``, are seen.
+
+    engine: who scans many files (no cone, or a large one): "duckdb" runs the scan as one DuckDB
+    query with a pushed-down superset of the filter, then applies the exact Arrow filter to its
+    result (see :mod:`distlabels.catalog.sql`); "arrow" uses the pyarrow scanner; "auto" (default)
+    is "duckdb" when the package is installed and no ``filesystem`` is given. A few files (a
+    cone, a ``limit``) are always read by pyarrow. :attr:`last_engine` says who answered.
     """
 
-    def __init__(self, root: Path, meta: dict[str, Any], filesystem: Any = None):
+    def __init__(self, root: Path, meta: dict[str, Any], filesystem: Any = None, engine: str = "auto"):
+        if engine not in ENGINES:
+            raise QueryError(f"unknown query engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+        if engine == "duckdb" and not _sql.available():
+            raise QueryError("the duckdb engine needs the duckdb package: pip install duckdb "
+                             "(or distlabels[query]), or use --engine arrow.")
+        if engine == "duckdb" and filesystem is not None:
+            raise QueryError("the duckdb engine reads local files only; use engine='arrow' with a filesystem.")
         self.root, self._meta = root, meta
         self.filesystem = filesystem
+        self.engine = engine
+        self.last_engine = ""  # "duckdb", "arrow" (one scanner) or "files" (per-file readers)
+        self._duck: tuple[Any, Any] | None = None  # (listing key, DuckDB connection)
+        self._duck_lock = threading.Lock()
+        self._n_duck_scans = 0
         self._schema: pa.Schema | None = None
         self._listing_key: int | None = None
         self.last_files_read = 0  # fragment files opened by the latest query()
@@ -385,11 +406,11 @@ class Catalog:
         """The visible fragments now; the schema is read again when the listing changed (a run or
         compact may have rewritten ``_common_metadata``). Files are only ever replaced by
         renames, so (path, inode) pairs tell whether the listing changed."""
-        entries = paths.fragment_entries(self.root)
-        key = hash(tuple((str(p), ino) for p, ino in entries))
+        entries = paths.fragment_listing(self.root)
+        key = hash(tuple(entries))
         if key != self._listing_key:
             self._schema, self._listing_key = None, key
-        return [p for p, _ in entries]
+        return [Path(p) for p, _ in entries]
 
     def _dataset(self, files: Sequence[Path]) -> ds.Dataset:
         return file_dataset(self.root, files, pa.unify_schemas([self.schema, _PART_SCHEMA]), self.filesystem)
@@ -439,6 +460,7 @@ class Catalog:
             raise QueryError(f"--limit must be a non-negative integer, not {limit!r}.")
         filt = parse_where(where, full) if where is not None else None
         needed = set(out_cols) | (_names(where) if where is not None else set())
+        clean_where = None
         if clean:
             sel = clean if isinstance(clean, CleanSelection) else CLEAN
             clean_where = sel.where(schema.names)
@@ -447,6 +469,7 @@ class Catalog:
             needed |= _names(clean_where)
         cone_t = _validate_cone(cone) if cone is not None else None
         band = None
+        conditions = [w for w in (where, clean_where) if w is not None]
         if cone_t is not None:
             if not {"ra", "dec"} <= set(schema.names):
                 raise StoreError(f"the catalog at {self.root} has no ra/dec columns for a cone search.")
@@ -456,6 +479,8 @@ class Catalog:
             band = (pc.field("dec") >= dec0 - radius) & (pc.field("dec") <= dec0 + radius)
             filt = band if filt is None else pc.and_kleene(filt, band)
             needed |= {"ra", "dec"}
+            pad = 1e-6  # the SQL band compares in its own float type: never narrower than Arrow's
+            conditions.append(f"dec >= {dec0 - radius - pad!r} and dec <= {dec0 + radius + pad!r}")
         if files and filt is not None and needed & set(PARTITION_COLUMNS):
             # Norder/Dir/Npix conditions drop directories unopened
             files = [Path(f.path) for f in self._dataset(files).get_fragments(filter=filt)]
@@ -464,17 +489,53 @@ class Catalog:
 
         table = None
         if limit is None and len(files) >= SCAN_MIN_FILES:
-            table = scan_dataset(self.root, files, full, out_schema, filt, band, where, self.filesystem,
-                                 self._md_cache, use_metadata=len(files) == listed)
+            if not needed & set(PARTITION_COLUMNS):
+                table = self._duckdb(files, out_schema, conditions, filt, where, full)
+            if table is None:
+                table = scan_dataset(self.root, files, full, out_schema, filt, band, where, self.filesystem,
+                                     self._md_cache, use_metadata=len(files) == listed)
+                self.last_engine = "arrow"
             self.last_files_read = len(files)
         if table is None:
             table = self._read_chunks(files, out_schema, filt, where, limit)
+            self.last_engine = "files"
         if cone_t is not None and table.num_rows:  # exact cut on the rows of candidate pixels
             sep = angular_separation(table["ra"].to_numpy(), table["dec"].to_numpy(), cone_t[0], cone_t[1])
             table = table.filter(pa.array(sep <= cone_t[2]))
         if self._tree() != tree:  # compact swapped dataset/ while we read: rows may mix two trees
             raise _Vanished("the catalog was compacted while it was read")
         return (table if limit is None else table.slice(0, int(limit))).select(out_cols)
+
+    def _duckdb(self, files: list[Path], out_schema: pa.Schema, conditions: list[str], filt: pc.Expression | None,
+                where: str | None, full: pa.Schema) -> pa.Table | None:
+        """The scan through DuckDB, exact-filtered by Arrow; None when the Arrow path should run."""
+        if self.engine == "arrow" or self.filesystem is not None or (self.engine == "auto" and not _sql.available()):
+            return None
+        pushed = _sql.prefilter_sql(conditions, full)
+        if pushed is None:  # nothing to push down: DuckDB would only be a slower reader
+            return None
+        try:
+            table = _sql.duckdb_scan(self._duck_session(), files, out_schema, pushed)
+        except FileNotFoundError as e:
+            raise _Vanished(str(e)) from None
+        except _sql.DuckDBFailed:
+            return None  # e.g. fragments of an older schema: the Arrow path casts them
+        self.last_engine = "duckdb"
+        # DuckDB returns one small chunk per file; one filter call over many chunks costs ~10x more
+        return table if filt is None else apply_filter(table.combine_chunks(), filt, where, self.root)
+
+    def _duck_session(self) -> Any:
+        """The DuckDB database for this scan: the process's shared one for this catalog's first
+        scan, then the catalog's own with a Parquet metadata cache (new when the listing of
+        fragments changed since it was made, or the thread count did)."""
+        key = (self._listing_key, pa.cpu_count())
+        with self._duck_lock:
+            self._n_duck_scans += 1
+            if self._n_duck_scans == 1:  # a one-off query (the CLI, a fresh object) needs no cache
+                return _sql.shared(pa.cpu_count())
+            if self._duck is None or self._duck[0] != key:  # the old one goes with its last cursor
+                self._duck = (key, _sql.connect(pa.cpu_count()))
+            return self._duck[1]
 
     def _read_chunks(self, files: list[Path], out_schema: pa.Schema, filt: pc.Expression | None,
                      where: str | None, limit: int | None) -> pa.Table:
@@ -509,10 +570,11 @@ class Catalog:
         return [f for f, k in zip(files, keys) if k is None or k in keep]
 
 
-def open_catalog(path: str | os.PathLike, *, filesystem: Any = None) -> Catalog:
+def open_catalog(path: str | os.PathLike, *, filesystem: Any = None, engine: str = "auto") -> Catalog:
     """Open the catalog at ``path``; StoreError if it is missing or has no dataset/ directory.
 
-    filesystem: optional :class:`pyarrow.fs.FileSystem` used to open fragment files.
+    filesystem: optional :class:`pyarrow.fs.FileSystem` used to open fragment files;
+    engine: "auto", "duckdb" or "arrow", who runs full scans (see :class:`Catalog`).
     """
     root = Path(path)
     if not root.exists():
@@ -526,7 +588,7 @@ def open_catalog(path: str | os.PathLike, *, filesystem: Any = None) -> Catalog:
         raise StoreError(f"cannot read {meta_path}: {e}.") from None
     if not isinstance(meta, dict):
         raise StoreError(f"{meta_path} is not a JSON object.")
-    return Catalog(root, meta, filesystem)
+    return Catalog(root, meta, filesystem, engine)
 
 
 def _pylist(col: pa.ChunkedArray) -> list[Any]:

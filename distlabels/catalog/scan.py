@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from distlabels import paths
 from distlabels.errors import QueryError, StoreError
 
-__all__ = ["PARTITION_COLUMNS", "angular_separation", "pixels_touching_cone", "scan_dataset", "read_files"]
+__all__ = ["PARTITION_COLUMNS", "angular_separation", "apply_filter", "pixels_touching_cone", "scan_dataset", "read_files"]
 
 PARTITION_COLUMNS = ("Norder", "Dir", "Npix")  # from directory names, int32, queryable on request
 PART_SCHEMA = pa.schema([(n, pa.int32()) for n in PARTITION_COLUMNS])
@@ -137,7 +137,8 @@ def file_dataset(root: Path, files: Sequence[Path], schema: pa.Schema, filesyste
                       partition_base_dir=str(root / paths.DATASET_DIR))
 
 
-def _filter(t: pa.Table | pa.RecordBatch, filt: pc.Expression, where: str | None, root: Path):
+def apply_filter(t: pa.Table | pa.RecordBatch, filt: pc.Expression, where: str | None, root: Path):
+    """``t`` filtered by ``filt``; an expression Arrow cannot evaluate is a QueryError naming ``where``."""
     try:
         return t.filter(filt)
     except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid, TypeError) as e:
@@ -161,7 +162,7 @@ def scan_dataset(root: Path, files: Sequence[Path], full_schema: pa.Schema, out_
 
     def flush() -> None:
         t = pa.Table.from_batches(pending, schema=out_schema)
-        parts.append(t if filt is None else _filter(t, filt, where, root))
+        parts.append(t if filt is None else apply_filter(t, filt, where, root))
         pending.clear()
 
     try:
@@ -198,7 +199,7 @@ def read_files(root: Path, files: Sequence[Path], out_schema: pa.Schema, filt: p
     partition columns come from its path."""
     tables = [read_file(f, out_schema, filesystem) for f in files]
     t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    return t if filt is None else _filter(t, filt, where, root)
+    return t if filt is None else apply_filter(t, filt, where, root)
 
 
 def read_file(path: Path, out_schema: pa.Schema, filesystem: Any) -> pa.Table:

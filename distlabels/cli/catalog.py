@@ -43,7 +43,7 @@ def _range(text: str | None) -> tuple[float, float] | None:
 def cmd_query(args) -> int:
     from ..catalog.query import format_table, open_catalog
 
-    cat = open_catalog(args.catalog)
+    cat = open_catalog(args.catalog, engine=args.engine or "auto")
     table = cat.query(where=args.where, columns=_csv(args.columns), cone=_cone(args.cone), limit=args.limit,
                       clean=bool(args.clean))
     text = format_table(table, args.format or "table", args.out,
@@ -149,6 +149,11 @@ def register(sub, add) -> None:
     q.add_argument("--format", choices=["table", "csv", "json", "parquet", "fits"],
                    help="output format (default table; parquet and fits need --out; fits opens in TOPCAT)")
     q.add_argument("--out", help="write to this file instead of stdout")
+    q.add_argument("--engine", choices=["auto", "duckdb", "arrow"], default=None,
+                   help="who scans the whole catalog (no --cone, or a large one): duckdb evaluates the "
+                        "filter before reading the other columns, then distlabels re-checks every row with "
+                        "its own NaN-exact filter; arrow reads with pyarrow only. Default auto: duckdb when "
+                        "installed. Cone searches and --limit always read the few files they need directly")
 
     p = add("plot", "plot a catalog: kiel, abundances ([X/M] vs [M/H]), recovery (fit - truth, mocks) or "
                     "residuals (one star's spectrum with its best-fit model)", cmd_plot)
