@@ -273,20 +273,79 @@ class ForwardModel:
         n_pix = i.shape[1]
         if out is None:
             out = torch.empty(n, r, n_pix, dtype=rows.dtype, device=rows.device)
-        k = i - torch.arange(n_pix, device=i.device)[None]                     # (n, n_pix) offsets
+        for s_, a_, b_, kk in self._runs(i):
+            o = out[s_, :, a_:b_]
+            torch.mul(rows[s_, :, a_ + kk:b_ + kk], w[0][s_, a_:b_], out=o)
+            for t in range(1, len(w)):
+                o.addcmul_(rows[s_, :, a_ + kk + t:b_ + kk + t], w[t][s_, a_:b_])
+        return out
+
+    def interp_t(self, u: torch.Tensor, i: torch.Tensor, w) -> torch.Tensor:
+        """The transpose of :meth:`_interp`: observed-pixel rows u (n, R, n_pix) spread back onto the
+        working grid by the same taps, (n, R, n_work). Used to pull vectors back through the network."""
+        n, r, n_pix = u.shape
+        out = torch.zeros(n, r, self.n_work, dtype=u.dtype, device=u.device)
+        if i.dim() == 1:
+            m = self.aligned[1]
+            span = m * (n_pix - 1) + 1
+            base = i.tolist()
+            wl = [wt.tolist() for wt in w]
+            for s_ in range(n):
+                b0 = base[s_]
+                for t in range(len(w)):
+                    out[s_, :, b0 + t:b0 + t + span:m].add_(u[s_], alpha=wl[t][s_])
+            return out
+        if self.native_offset is not None and self.device.type == "cpu":
+            for s_, a_, b_, kk in self._runs(i):
+                for t in range(len(w)):
+                    out[s_, :, a_ + kk + t:b_ + kk + t].addcmul_(u[s_, :, a_:b_], w[t][s_, a_:b_])
+            return out
+        for t, wt in enumerate(w):
+            out.scatter_add_(2, (i + t)[:, None, :].expand(n, r, -1), u * wt[:, None, :])
+        return out
+
+    def _runs(self, i: torch.Tensor):
+        """(star, first pixel, end pixel, offset) of the runs of observed pixels whose taps start at a
+        constant offset from the pixel index (native grids)."""
+        n, n_pix = i.shape
+        k = i - torch.arange(n_pix, device=i.device)[None]
         change = (k[:, 1:] != k[:, :-1]).cpu().numpy()
-        k0 = k[:, 0].tolist()
+        k = k.cpu().numpy()
+        out = []
         for s_ in range(n):
             cuts = [0] + (np.flatnonzero(change[s_]) + 1).tolist() + [n_pix]
-            kk = k0[s_]
-            for a_, b_ in zip(cuts[:-1], cuts[1:]):
-                if a_ > 0:
-                    kk = int(k[s_, a_])
-                o = out[s_, :, a_:b_]
-                torch.mul(rows[s_, :, a_ + kk:b_ + kk], w[0][s_, a_:b_], out=o)
-                for t in range(1, len(w)):
-                    o.addcmul_(rows[s_, :, a_ + kk + t:b_ + kk + t], w[t][s_, a_:b_])
+            out += [(s_, a_, b_, int(k[s_, a_])) for a_, b_ in zip(cuts[:-1], cuts[1:])]
         return out
+
+    # ------------------------------------------------------------------ approximate curvature
+    @property
+    def supports_approx_curvature(self) -> bool:
+        """The cheap J^T W J of :meth:`approx_normal_equations` needs the network's last layer split off
+        (:class:`~distlabels.models.payne.PayneMLP`) and no broadening."""
+        return self.broadener is None and hasattr(self.work, "last_hidden")
+
+    def curvature_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """G = M^T diag(pattern) M (H, H) for a batch with weights w (n, n_pix).
+
+        M (n_pix, H) is the network's last layer interpolated onto the observed pixels at zero
+        velocity, pattern the batch's median weights relative to each star's mean. Then
+        c_s a_s^T G a_s (a_s = d hidden / d theta, c_s = mean(w_s cont_s^2)) approximates the label
+        block of star s's J^T W J at the cost of a (H, H) product instead of the (n_pix, H) one.
+        """
+        if getattr(self, "_m_obs", None) is None:
+            w_out, _ = self.work.output_layer()                                    # (n_work, H)
+            i, wt, _ = self.taps_at(torch.zeros(1, dtype=torch.float64, device=self.device))
+            self._m_obs = self._interp(w_out.T.contiguous()[None], i, wt)[0].T.contiguous()   # (n_pix, H)
+        m = self._m_obs
+        pat = (w / w.mean(1, keepdim=True).clamp_min(1e-30)).median(0).values.to(m.dtype)
+        # G only steers the steps: the previous batch's serves while its pattern is within 2 % (mean
+        # absolute difference), sparing an (n_pix, H, H) product per batch.
+        cached = getattr(self, "_g_cache", None)
+        if cached is not None and float((pat - cached[0]).abs().mean()) < 0.02 * float(cached[0].abs().mean()):
+            return cached[1]
+        G = (m * pat[:, None]).T @ m
+        self._g_cache = (pat, G)
+        return G
 
     # ------------------------------------------------------------------ evaluation
     def _buffer(self, name: str, shape, dtype) -> torch.Tensor:
@@ -395,3 +454,93 @@ class ForwardModel:
         rows = self.working_rows(p, jac=False)
         i, w, _ = self.taps_at(p[:, self.i_v])
         return self._interp(rows, i, w)[:, 0]
+
+
+@dataclass
+class _Parts:
+    """Forward pieces at a point that the approximate normal equations reuse (rows: stars)."""
+
+    a: torch.Tensor        # (H, n, k) d hidden / d theta
+    yw: torch.Tensor       # (n, 1, n_work) spectrum on the working grid
+    taps: tuple            # (i, w, dw) of ForwardModel.taps_at
+    y: torch.Tensor        # (n, n_pix) normalised model at the observed pixels
+    cont: torch.Tensor     # (n, n_pix)
+    r: torch.Tensor        # (n, n_pix) residual d - cont * y
+    chi2: torch.Tensor     # (n,) float64
+
+    def take(self, m: torch.Tensor) -> "_Parts":
+        i, w, dw = self.taps
+        return _Parts(self.a[:, m], self.yw[m], (i[m], tuple(t[m] for t in w), tuple(t[m] for t in dw)),
+                      self.y[m], self.cont[m], self.r[m], self.chi2[m])
+
+
+class ApproxCurvature:
+    """J^T W J with its label block from one (H, H) matrix per batch, the rest exact.
+
+    The label block of star s is approximated by c_s a_s^T G a_s, a_s = d hidden / d theta (H, k),
+    G from :meth:`ForwardModel.curvature_matrix`, c_s = mean(w_s cont_s^2): an (H, H) product
+    instead of the (n_pix, H) one of a full Jacobian. Every other block, J^T W r and chi^2 are
+    exact: the label rows meet the residual, RV and continuum rows by pulling those back through
+    the network (a few (n_pix, H) matrix-vector products). An LM step from this matrix goes downhill
+    on the exact chi^2 and stops where the exact gradient vanishes; only the path (and the stopping
+    test, which :func:`~distlabels.fit.lm.levenberg_marquardt` repeats on the exact matrix) depends
+    on the approximation.
+    """
+
+    def __init__(self, fwd: "ForwardModel", w: torch.Tensor | None = None, G: torch.Tensor | None = None):
+        self.fwd = fwd
+        self.G = fwd.curvature_matrix(w) if G is None else G
+
+    def on(self, fwd: "ForwardModel", pixel_fraction: float) -> "ApproxCurvature":
+        """The same approximation for a forward model with the same hidden layers on a subset of the
+        pixels (stage 1's every k-th pixel: pixel_fraction 1/k)."""
+        return ApproxCurvature(fwd, G=self.G * pixel_fraction)
+
+    def trial(self, p: torch.Tensor, d: torch.Tensor, w: torch.Tensor):
+        """chi^2 (n,) float64 at p (n, n_par) and the pieces :meth:`normal_equations` can reuse there."""
+        fwd = self.fwd
+        _, a = fwd.work.last_hidden(p[:, :fwd.n_theta].to(fwd.dtype))
+        yw = fwd.work.apply_output(_)[:, None, :]
+        i, wt, dw = fwd.taps_at(p[:, fwd.i_v])
+        y = fwd._interp(yw, i, wt)[:, 0]
+        cont = fwd.continuum(p)
+        r = d - cont * y
+        chi2 = (r * r * w).sum(1, dtype=torch.float64)
+        return chi2, _Parts(a, yw, (i, wt, dw), y, cont, r, chi2)
+
+    def normal_equations(self, p: torch.Tensor, sw: torch.Tensor, d: torch.Tensor, parts: _Parts | None = None):
+        """Approximate J^T W J (n, P, P), exact J^T W r (n, P) and chi^2 (n,), float64."""
+        fwd = self.fwd
+        w = sw * sw
+        if parts is None:
+            _, parts = self.trial(p, d, w)
+        n, k, n_pix = len(p), fwd.n_theta, fwd.basis.shape[0]
+        a, yw, (i, wt, dw), y, cont = parts.a, parts.yw, parts.taps, parts.y, parts.cont
+        hdim = a.shape[0]
+        # Rows that meet the labels: residual, d model / d v, d model / d continuum (when fitted).
+        n_c = fwd.n_cont if fwd.fit_continuum else 0
+        e = torch.empty(n, 2 + n_c, n_pix, dtype=y.dtype, device=y.device)
+        e[:, 0] = parts.r
+        torch.mul(cont, fwd._interp(yw, i, dw)[:, 0], out=e[:, 1])
+        if n_c:
+            torch.mul(y[:, None, :], fwd.basis_t[None], out=e[:, 2:])
+        z = fwd.interp_t(e * (cont * w)[:, None, :], i, wt)                    # (n, R, n_work)
+        back = fwd.work.pullback(z.view(n * z.shape[1], -1)).view(n, -1, hdim)  # (n, R, H)
+        an = a.permute(1, 0, 2)                                                # (n, H, k)
+        x = (an.transpose(1, 2) @ back.transpose(1, 2)).double()              # (n, k, R): J_theta^T W e
+        es = e * sw[:, None, :]
+        nn = (es @ es.transpose(1, 2)).double()                                # (n, R, R)
+        ga = (self.G @ a.reshape(hdim, n * k)).view(hdim, n, k).permute(1, 0, 2)   # (n, H, k)
+        scale = (w * cont * cont).mean(1).double()
+        att = (an.transpose(1, 2) @ ga).double() * scale[:, None, None]
+        P = fwd.n_par
+        A = torch.zeros(n, P, P, dtype=torch.float64, device=p.device)      # held continuum: zero blocks
+        g = torch.zeros(n, P, dtype=torch.float64, device=p.device)
+        end = k + 1 + n_c
+        A[:, :k, :k] = 0.5 * (att + att.transpose(1, 2))
+        A[:, :k, k:end] = x[:, :, 1:]
+        A[:, k:end, :k] = x[:, :, 1:].transpose(1, 2)
+        A[:, k:end, k:end] = nn[:, 1:, 1:]
+        g[:, :k] = x[:, :, 0]
+        g[:, k:end] = nn[:, 1:, 0]
+        return A, g, parts.chi2

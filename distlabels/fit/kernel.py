@@ -32,7 +32,7 @@ from ..io.wavelength import C_KMS, to_vacuum
 from ..models.base import Emulator
 from .broadening import Broadener, vsini_resolution_limit_kms
 from .flags import Flag
-from .forward import ForwardModel
+from .forward import ApproxCurvature, ForwardModel
 from .labels import build_label_map
 from .lm import levenberg_marquardt, normal_equations
 from .masks import mask_windows, pixel_mask
@@ -206,7 +206,9 @@ class SpectrumFitter:
         g1, base1, lobs1, basis1 = g, base, log10_obs, basis
         k1 = int(cfg.start_decimate)
         self.stage1_pixels = slice(None)
+        self.stage1_step = 1
         if native and k1 > 1 and self.n_pix >= 100 * k1:
+            self.stage1_step = k1
             g1 = _decimated_native_grid(lam_mod, lam_obs, k1, cfg.v_max_kms)
             base1 = model.project(_sparse_torch(g1.projection))
             self.stage1_pixels = slice(None, None, k1)
@@ -496,8 +498,14 @@ class SpectrumFitter:
         w = torch.where(reach, w / (1 + w * mvar), torch.zeros_like(w))
         dof = ((w > 0).sum(1).double() - self.free.sum().double()).clamp_min(1)
 
+        # Stage 2 steps on a J^T W J whose label block comes from one (H, H) matrix for the batch
+        # (a full Jacobian costs an (n_pix, H) product per label): the gradient stays exact, and every
+        # star gets the exact matrix before it stops, so minimum and errors are the exact ones.
+        curv = None
+        if cfg.approx_curvature and fwd.supports_approx_curvature:
+            curv = ApproxCurvature(fwd, w)
         n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
-        best = self._run_start(d, w, cand[:, 0], v0)
+        best = self._run_start(d, w, cand[:, 0], v0, curvature=curv)
         n_iter += best.n_iter
         # More starts (the next library candidates): for every star up to ``starts_always``, and up to
         # ``n_starts`` for any star that would be flagged CHI2_HIGH or NOT_CONVERGED (a local minimum or
@@ -507,7 +515,7 @@ class SpectrumFitter:
             sel = torch.arange(n, device=dev) if j < cfg.starts_always else torch.nonzero(poor | ~best.converged).flatten()
             if len(sel) == 0:
                 break
-            st = self._run_start(d[sel], w[sel], cand[sel, j], v0[sel])
+            st = self._run_start(d[sel], w[sel], cand[sel, j], v0[sel], curvature=curv)
             n_iter[sel] += st.n_iter
             self._keep_better(best, st, sel)
         # Stars still far above the noise: the best start again with all labels free from the first
@@ -518,7 +526,7 @@ class SpectrumFitter:
             chi2_red = best.chi2 / dof
             sel = torch.nonzero((chi2_red > 1 + cfg.restart_chi2_sigma * torch.sqrt(2 / dof)) | ~best.converged).flatten()
             if len(sel):
-                st = self._run_start(d[sel], w[sel], cand[sel, 0], v0[sel], stage1=False)
+                st = self._run_start(d[sel], w[sel], cand[sel, 0], v0[sel], stage1=False, curvature=curv)
                 n_iter[sel] += st.n_iter
                 self._keep_better(best, st, sel)
         self._finish(idx, best, n_iter, w, dof, ccf_gain, res)
@@ -537,8 +545,9 @@ class SpectrumFitter:
         for name in ("p", "A", "g", "chi2", "converged", "decrement"):
             getattr(best, name)[s_b] = getattr(st, name)[better]
 
-    def _run_start(self, d, w, cand, v0, stage1: bool = True):
-        """LM from library entries cand (n,) at RV v0 (n,); stage1=False frees every label at once."""
+    def _run_start(self, d, w, cand, v0, stage1: bool = True, curvature=None):
+        """LM from library entries cand (n,) at RV v0 (n,); stage1=False frees every label at once;
+        curvature: the approximate J^T W J for stage 2 (see :func:`.lm.levenberg_marquardt`)."""
         cfg, fwd = self.config, self.fwd
         p0 = self._initial_params(d, w, self.lib_theta[cand], v0)
         if fwd.i_q is not None:
@@ -549,11 +558,16 @@ class SpectrumFitter:
         two_stage = stage1 and cfg.start_max_iter > 0 and len(self.main) < self.lmap.n_theta
         if two_stage:
             k1 = self.stage1_pixels
+            # Its result is only a start: it may stop on the approximate matrix.
+            c1 = None
+            if curvature is not None and self.fwd_main.supports_approx_curvature:
+                c1 = curvature.on(self.fwd_main, 1.0 / self.stage1_step)
             st1 = levenberg_marquardt(self.fwd_main, d[:, k1], w[:, k1], p0[:, sm], free=self.free[sm], lo=self.lo[sm], hi=self.hi[sm],
-                                      max_iter=cfg.start_max_iter, tol=cfg.start_chi2_tol, lambda_init=cfg.lambda_init)
+                                      max_iter=cfg.start_max_iter, tol=cfg.start_chi2_tol, lambda_init=cfg.lambda_init,
+                                      curvature=c1, exact_stop=False)
             p0[:, sm] = st1.p
         st = levenberg_marquardt(fwd, d, w, p0, free=self.free, lo=self.lo, hi=self.hi, max_iter=cfg.max_iter,
-                                 tol=cfg.chi2_tol, lambda_init=cfg.lambda_init)
+                                 tol=cfg.chi2_tol, lambda_init=cfg.lambda_init, curvature=curvature)
         if two_stage:
             st.n_iter += st1.n_iter
         return st

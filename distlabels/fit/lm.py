@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import torch
 
 
+APPROX_MAX_STEPS = 10   # trial steps on an approximate J^T W J before a star gets the exact one
+
+
 @dataclass
 class LMState:
     p: torch.Tensor          # (n, P) float64
@@ -97,39 +100,75 @@ def weighted_normal_equations(fwd, p, sw, d):
 
 
 class _Batch:
-    """Per-star state of one LM run: parameters and J^T W J, J^T W r, chi^2 at them."""
+    """Per-star state of one LM run: parameters and J^T W J, J^T W r, chi^2 at them.
 
-    def __init__(self, fwd, d, w, p):
+    With ``curvature`` (a :class:`~distlabels.fit.forward.ApproxCurvature`: an approximate J^T W J
+    with the exact J^T W r and chi^2) stars move on that until they would stop; ``exact`` marks the
+    stars whose matrix is the exact one.
+    """
+
+    def __init__(self, fwd, d, w, p, curvature=None):
         self.fwd, self.d, self.w = fwd, d, w
         self.p = p
         self.sw = w.clamp_min(0).sqrt()
-        self.A, self.g, self.chi2 = weighted_normal_equations(fwd, p, self.sw, d)
-        self.n_jac = torch.ones(len(p), dtype=torch.int64, device=p.device)
+        self.curvature = curvature
+        n = len(p)
+        self.exact = torch.full((n,), curvature is None, dtype=torch.bool, device=p.device)
+        ne = (weighted_normal_equations(fwd, p, self.sw, d) if curvature is None
+              else curvature.normal_equations(p, self.sw, d))
+        self.A, self.g, self.chi2 = ne
+        self.n_jac = torch.full((n,), int(curvature is None), dtype=torch.int64, device=p.device)
 
-    def move(self, idx, p_new):
-        """Move stars idx to p_new and evaluate the Jacobian there."""
+    def move(self, idx, p_new, parts=None):
+        """Move stars idx to p_new and evaluate the Jacobian (or its approximation) there; parts: the
+        trial's forward pieces at p_new (rows as idx), reused by the approximation."""
         if len(idx) == 0:
             return
         self.p[idx] = p_new
-        self.A[idx], self.g[idx], self.chi2[idx] = weighted_normal_equations(self.fwd, p_new, self.sw[idx], self.d[idx])
-        self.n_jac[idx] += 1
+        ex = self.exact[idx]
+        for m, exact in ((ex, True), (~ex, False)):
+            part = idx[m]
+            if len(part) == 0:
+                continue
+            pp, sw, d = self.p[part], self.sw[part], self.d[part]
+            if exact:
+                ne = weighted_normal_equations(self.fwd, pp, sw, d)
+            else:
+                ne = self.curvature.normal_equations(pp, sw, d, None if parts is None else parts.take(m))
+            self.A[part], self.g[part], self.chi2[part] = ne
+            self.n_jac[part] += int(exact)
+
+    def make_exact(self, idx):
+        """The exact J^T W J (one full Jacobian) for stars idx, which stay where they are."""
+        idx = idx[~self.exact[idx]]
+        if len(idx):
+            self.exact[idx] = True
+            self.move(idx, self.p[idx])
 
     def chi2_at(self, idx, p):
+        """chi^2 (n,) float64 of stars idx at p, and the forward pieces there (None without curvature)."""
+        if self.curvature is not None:
+            return self.curvature.trial(p, self.d[idx], self.w[idx])
         m, _ = self.fwd.evaluate(p, jac=False)
         r = (self.d[idx] - m).double()
-        return (r * r * self.w[idx].double()).sum(1)
+        return (r * r * self.w[idx].double()).sum(1), None
 
 
-def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float, lambda_init: float) -> LMState:
+def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float, lambda_init: float,
+                        curvature=None, exact_stop: bool = True) -> LMState:
     """Fit every star of the batch from p (n, P) float64.
 
     fwd: a :class:`~distlabels.fit.forward.ForwardModel`; d, w: (n, n_pix) data and weights in its
-    dtype; free: (P,) bool; lo, hi: (P,) float64 bounds.
+    dtype; free: (P,) bool; lo, hi: (P,) float64 bounds. curvature: optional cheap J^T W J
+    (see :class:`_Batch`); a star that would stop on it gets the exact matrix (one Jacobian) and
+    stops only if the test passes on that too, so the returned A is always exact. exact_stop=False
+    (a start, whose matrix nobody reads) stops on the approximate matrix and returns it.
     """
+    check_exact = curvature is not None and exact_stop
     n = len(p)
     dev = p.device
     p = torch.minimum(torch.maximum(p, lo), hi).clone()
-    b = _Batch(fwd, d, w, p)
+    b = _Batch(fwd, d, w, p, curvature)
     lam = torch.full((n,), float(lambda_init), dtype=torch.float64, device=dev)
     nu = torch.full((n,), 2.0, dtype=torch.float64, device=dev)
     converged = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -146,13 +185,27 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
         lam_a = lam[active]
         step, pred = _solve(Aa, ga, hold, lam_a)
         stop = (dec_a < tol) | (pred < tol)
+        wait = torch.zeros_like(stop)
+        if check_exact:
+            # A star that would stop on the approximate matrix gets the exact one (one Jacobian) and
+            # is tested again on it next round, without a step now.
+            # So does one that has not stopped after APPROX_MAX_STEPS trials: the approximate matrix
+            # can be far off for a star (masks unlike the batch's, a large fractional pixel shift)
+            # and crawl.
+            wait = (stop | (n_iter[active] >= APPROX_MAX_STEPS)) & ~b.exact[active]
+            if bool(wait.any()):
+                b.make_exact(active[wait])
+                lam[active[wait]] = float(lambda_init)
+                nu[active[wait]] = 2.0
+                stop = stop & ~wait
         converged[active[stop]] = True
-        sel, pa, step, pred, lam_a = active[~stop], pa[~stop], step[~stop], pred[~stop], lam_a[~stop]
-        active = sel
+        go = ~stop & ~wait
+        sel, pa, step, pred, lam_a = active[go], pa[go], step[go], pred[go], lam_a[go]
+        active = active[~stop]
         if len(sel) == 0:
-            break
+            continue
         trial = torch.minimum(torch.maximum(pa + step, lo), hi)
-        chi2_t = b.chi2_at(sel, trial)
+        chi2_t, parts = b.chi2_at(sel, trial)
         gain = b.chi2[sel] - chi2_t
         n_iter[sel] += 1
         ok = torch.isfinite(chi2_t) & (gain > 0)
@@ -161,9 +214,20 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
         lam[sel] = torch.where(ok, lam_a * torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3.0),
                                lam_a * nu[sel]).clamp_min(1e-7)
         nu[sel] = torch.where(ok, torch.full_like(lam_a, 2.0), nu[sel] * 2)
-        b.move(sel[ok], trial[ok])
-        # Steps that fail even with heavy damping: at the minimum to numerical precision.
+        b.move(sel[ok], trial[ok], None if parts is None else parts.take(ok))
+        # Steps that fail even with heavy damping: at the minimum to numerical precision (judged on
+        # the exact matrix: a star still on the approximate one gets it and goes on).
         stuck = lam[active] > 1e10
+        if check_exact:
+            redo = stuck & ~b.exact[active]
+            if bool(redo.any()):
+                b.make_exact(active[redo])
+                lam[active[redo]] = float(lambda_init)
+                nu[active[redo]] = 2.0
+                stuck = stuck & ~redo
         converged[active[stuck]] = dec[active[stuck]] < 100 * tol
         active = active[~stuck]
+    # Out of iterations: the covariance still needs the exact matrix.
+    if check_exact:
+        b.make_exact(torch.arange(n, device=dev))
     return LMState(b.p, b.A, b.g, b.chi2, converged, n_iter, b.n_jac, dec)

@@ -142,6 +142,33 @@ class PayneMLP(Emulator):
         out[:, 0] += b_out
         return out
 
+    # ----- pieces for the fit kernel's approximate curvature (distlabels.fit.forward) ----------
+    def last_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last hidden layer h (n, H) and d h / d x as (H, n, L): the network without its big product."""
+        h = x.to(self.weights[0].dtype)
+        n, nl = h.shape
+        a = torch.eye(nl, dtype=h.dtype, device=h.device)[:, None, :].expand(nl, n, nl)
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            h, d = _act(torch.addmm(b, h, w.T), self.activation, self.negative_slope)
+            a = (w @ a.reshape(a.shape[0], n * nl)).reshape(-1, n, nl) * d.T[:, :, None]
+        return h, a
+
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer weight (n_pix, H) and bias (n_pix,)."""
+        return self.weights[-1], self.biases[-1]
+
+    def apply_output(self, h: torch.Tensor) -> torch.Tensor:
+        """h (m, H) -> W_out h + b_out (m, n_pix), through the chosen CPU backend."""
+        return self._last(h) + self.biases[-1]
+
+    def pullback(self, z: torch.Tensor) -> torch.Tensor:
+        """z (m, n_pix) -> z @ W_out (m, H): vectors on the output pulled back to the last hidden layer."""
+        w = self.weights[-1]
+        if (self.matmul_backend == "numpy" and z.device.type == "cpu" and not z.requires_grad
+                and not torch.is_grad_enabled()):
+            return torch.from_numpy(np.matmul(z.contiguous().numpy(), w.detach().numpy()))
+        return torch.mm(z, w)
+
     def with_inputs(self, matrix, offset) -> "PayneMLP":
         """Fold x = offset + theta @ matrix.T into the first layer: W1' = W1 M, b1' = b1 + W1 offset."""
         w1, b1 = self.weights[0], self.biases[0]
