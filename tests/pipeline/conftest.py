@@ -51,6 +51,18 @@ def small_store(tmp_path_factory, small_mock):
 
 
 @pytest.fixture(scope="session")
+def interrupt_store(tmp_path_factory, bossbrain_model):
+    """160 mock spectra (about 40 tasks of 4 rows): enough work that a run is still going when a
+    test interrupts it after its first fragment (40 stars no longer were, once the kernel got faster)."""
+    from distlabels.mock import make_mock
+
+    table, meta = make_mock(bossbrain_model, MockConfig(n=160, snr_min=40, snr_max=60, seed=12))
+    root = tmp_path_factory.mktemp("prod-stores") / "interrupt"
+    write_store(root, table, meta, max_rows_per_partition=16)
+    return root
+
+
+@pytest.fixture(scope="session")
 def poison_store(tmp_path_factory, small_mock):
     """The small store with one fragment whose ``flux`` column has the wrong type (strings)."""
     table, meta = small_mock

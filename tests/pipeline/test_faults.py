@@ -79,7 +79,7 @@ def _fit_cmd(cfg_file, model_dir, store, out):
             "--spectra", str(store), "--out", str(out), "--no-progress"]
 
 
-def test_run_interrupted_then_killed_then_resumed(tmp_path, client, bossbrain_model_dir, small_store):
+def test_run_interrupted_then_killed_then_resumed(tmp_path, client, bossbrain_model_dir, interrupt_store):
     """Ctrl-C (SIGINT) stops the run cleanly with exit 130; SIGKILL of the whole process group (a
     lost node) leaves only complete fragments; the re-run fits only the missing partitions. The
     catalog is an fsspec ``file://`` URL, so the object-store path (whole-object write + marker) is
@@ -88,7 +88,7 @@ def test_run_interrupted_then_killed_then_resumed(tmp_path, client, bossbrain_mo
     cfg_file.write_text(CHEAP_YAML)
     out_url = f"file://{tmp_path / 'cat'}"
     loc = Location.parse(out_url)
-    n_parts = len(open_store(small_store).partitions(4))
+    n_parts = len(open_store(interrupt_store).partitions(4))
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
 
     def started(p):
@@ -99,7 +99,7 @@ def test_run_interrupted_then_killed_then_resumed(tmp_path, client, bossbrain_mo
         raise AssertionError("the run ended before it started fitting")
 
     # 1. Ctrl-C after the first fragment.
-    p = subprocess.Popen(_fit_cmd(cfg_file, bossbrain_model_dir, small_store, out_url), stdout=subprocess.PIPE,
+    p = subprocess.Popen(_fit_cmd(cfg_file, bossbrain_model_dir, interrupt_store, out_url), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         started(p)
@@ -119,7 +119,7 @@ def test_run_interrupted_then_killed_then_resumed(tmp_path, client, bossbrain_mo
     assert 1 <= len(after_int) < n_parts
 
     # 2. Resume, then SIGKILL the whole process group (client, scheduler, nannies, workers).
-    p = subprocess.Popen(_fit_cmd(cfg_file, bossbrain_model_dir, small_store, out_url), stdout=subprocess.PIPE,
+    p = subprocess.Popen(_fit_cmd(cfg_file, bossbrain_model_dir, interrupt_store, out_url), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         started(p)
@@ -132,11 +132,11 @@ def test_run_interrupted_then_killed_then_resumed(tmp_path, client, bossbrain_mo
     assert after_int < after_kill and len(after_kill) < n_parts, "the kill came too late: make the store bigger"
 
     # 3. Resume to the end: only what is missing is fitted, nothing is fitted twice.
-    s = run_fit(bossbrain_model_dir, small_store, out_url, cheap_run(), client=client)
+    s = run_fit(bossbrain_model_dir, interrupt_store, out_url, cheap_run(), client=client)
     assert s.n_skipped == len(after_kill) and s.n_done == n_parts - len(after_kill) and s.n_failed == 0
-    rep = verify_catalog(out_url, str(small_store))
+    rep = verify_catalog(out_url, str(interrupt_store))
     assert rep.ok, rep.problems
-    assert sorted(_catalog_ids(loc)) == store_ids(small_store)
+    assert sorted(_catalog_ids(loc)) == store_ids(interrupt_store)
     runs = json.loads(loc.read_text(paths.RUN_FILE))["history"]
     assert [r["status"] for r in runs][0] == "interrupted" and runs[-1]["status"] == "complete"
 
