@@ -154,6 +154,14 @@ class _Batch:
         return (r * r * self.w[idx].double()).sum(1), None
 
 
+def _restart_exact(b: _Batch, idx, lam, nu, lambda_init: float) -> None:
+    """Stars idx leave the approximate matrix: the exact one (one Jacobian), damping reset."""
+    if len(idx):
+        b.make_exact(idx)
+        lam[idx] = float(lambda_init)
+        nu[idx] = 2.0
+
+
 def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float, lambda_init: float,
                         curvature=None, exact_stop: bool = True) -> LMState:
     """Fit every star of the batch from p (n, P) float64.
@@ -193,11 +201,8 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
             # can be far off for a star (masks unlike the batch's, a large fractional pixel shift)
             # and crawl.
             wait = (stop | (n_iter[active] >= APPROX_MAX_STEPS)) & ~b.exact[active]
-            if bool(wait.any()):
-                b.make_exact(active[wait])
-                lam[active[wait]] = float(lambda_init)
-                nu[active[wait]] = 2.0
-                stop = stop & ~wait
+            _restart_exact(b, active[wait], lam, nu, lambda_init)
+            stop = stop & ~wait
         converged[active[stop]] = True
         go = ~stop & ~wait
         sel, pa, step, pred, lam_a = active[go], pa[go], step[go], pred[go], lam_a[go]
@@ -220,11 +225,8 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
         stuck = lam[active] > 1e10
         if check_exact:
             redo = stuck & ~b.exact[active]
-            if bool(redo.any()):
-                b.make_exact(active[redo])
-                lam[active[redo]] = float(lambda_init)
-                nu[active[redo]] = 2.0
-                stuck = stuck & ~redo
+            _restart_exact(b, active[redo], lam, nu, lambda_init)
+            stuck = stuck & ~redo
         converged[active[stuck]] = dec[active[stuck]] < 100 * tol
         active = active[~stuck]
     # Out of iterations: the covariance still needs the exact matrix.

@@ -117,19 +117,9 @@ class PayneMLP(Emulator):
         optional contiguous (n, 1 + n_labels, n_pix) tensor of the weights' dtype to write into
         (re-used buffers spare the page faults of a fresh ~100 MB result per call on CPU).
         """
-        h = x.to(self.weights[0].dtype)
-        n, nl = h.shape
-        a = None  # d h / d x: (H, n, L)
-        for w, b in zip(self.weights[:-1], self.biases[:-1]):
-            h, d = _act(torch.addmm(b, h, w.T), self.activation, self.negative_slope)
-            if a is None:
-                a = d.T[:, :, None] * w[:, None, :]
-            else:
-                a = (w @ a.reshape(a.shape[0], n * nl)).reshape(-1, n, nl) * d.T[:, :, None]
+        h, a = self.last_hidden(x)   # (n, H), (H, n, L)
+        n, nl = a.shape[1], a.shape[2]
         w_out, b_out = self.weights[-1], self.biases[-1]
-        if a is None:
-            y = torch.addmm(b_out, h, w_out.T)
-            return torch.cat([y[:, None, :], w_out.T[None].expand(n, -1, -1)], 1)
         stacked = torch.cat([h.T[:, :, None], a], 2).reshape(h.shape[1], n * (1 + nl))   # (H, n (1 + L))
         if out is not None and out.is_contiguous() and out.dtype == w_out.dtype and out.device == stacked.device:
             flat = out.view(n * (1 + nl), -1)
@@ -147,10 +137,15 @@ class PayneMLP(Emulator):
         """The last hidden layer h (n, H) and d h / d x as (H, n, L): the network without its big product."""
         h = x.to(self.weights[0].dtype)
         n, nl = h.shape
-        a = torch.eye(nl, dtype=h.dtype, device=h.device)[:, None, :].expand(nl, n, nl)
+        a = None  # carried as (H, n, L): every layer is one 2-D matrix product
         for w, b in zip(self.weights[:-1], self.biases[:-1]):
             h, d = _act(torch.addmm(b, h, w.T), self.activation, self.negative_slope)
-            a = (w @ a.reshape(a.shape[0], n * nl)).reshape(-1, n, nl) * d.T[:, :, None]
+            if a is None:
+                a = d.T[:, :, None] * w[:, None, :]
+            else:
+                a = (w @ a.reshape(a.shape[0], n * nl)).reshape(-1, n, nl) * d.T[:, :, None]
+        if a is None:  # no hidden layer: h is x itself
+            a = torch.eye(nl, dtype=h.dtype, device=h.device)[:, None, :].expand(nl, n, nl)
         return h, a
 
     def output_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
