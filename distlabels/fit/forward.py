@@ -499,8 +499,8 @@ class ApproxCurvature:
     def trial(self, p: torch.Tensor, d: torch.Tensor, w: torch.Tensor):
         """chi^2 (n,) float64 at p (n, n_par) and the pieces :meth:`normal_equations` can reuse there."""
         fwd = self.fwd
-        _, a = fwd.work.last_hidden(p[:, :fwd.n_theta].to(fwd.dtype))
-        yw = fwd.work.apply_output(_)[:, None, :]
+        h, a = fwd.work.last_hidden(p[:, :fwd.n_theta].to(fwd.dtype))
+        yw = fwd.work.apply_output(h)[:, None, :]
         i, wt, dw = fwd.taps_at(p[:, fwd.i_v])
         y = fwd._interp(yw, i, wt)[:, 0]
         cont = fwd.continuum(p)
