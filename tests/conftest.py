@@ -3,6 +3,7 @@ small mock stores made from it. Session-scoped: built once, read by many tests."
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,17 @@ def _have(pkg: str) -> bool:
 
 @pytest.fixture(scope="session")
 def bossbrain_model_dir(tmp_path_factory):
+    # A GPU box without the 68 MB bossbrain wheel can be handed the same emulator already imported
+    # (`distlabels models import ...` output: our own safetensors + JSON, no pickle involved).
+    pre = os.environ.get("DISTLABELS_TEST_BOSSBRAIN_DIR")
+    if pre:
+        import json
+        from pathlib import Path
+
+        src = json.loads((Path(pre) / "model.json").read_text()).get("source", {})
+        if src.get("file") != "ann_22pars_4000-5000.pkl":
+            pytest.fail(f"DISTLABELS_TEST_BOSSBRAIN_DIR={pre} is not the imported 4000-5000 K bossbrain emulator")
+        return Path(pre)
     if not _have("bossbrain"):
         pytest.skip("bossbrain is not installed (pip install 'distlabels[test]')")
     from distlabels.models.importers import import_bossbrain

@@ -55,7 +55,7 @@ class FitResult:
     n_iter: np.ndarray          # (n,) int: LM iterations summed over starts
     flags: np.ndarray           # (n,) int64 bitmask, see distlabels.fit.flags
     continuum: np.ndarray       # (n, n_cont) Chebyshev coefficients
-    snr: np.ndarray             # (n,) median S/N per pixel over usable pixels
+    snr: np.ndarray             # (n,) median S/N per pixel over usable pixels (lower middle value for even counts)
     covariance: np.ndarray | None = field(default=None)  # (n, n_labels + 1, n_labels + 1): labels (physical), RV
     vsini: np.ndarray | None = None        # (n,) km/s, when FitConfig.fit_vsini
     vsini_err: np.ndarray | None = None    # (n,) km/s: sqrt(q + sigma_q) - sqrt(q), q = vsini^2
@@ -332,20 +332,22 @@ class SpectrumFitter:
 
     # ------------------------------------------------------------------ public API
     def fit(self, flux, ivar, mask=None, *, return_covariance: bool | None = None) -> FitResult:
-        """Fit spectra: flux, ivar (n, n_pix) (any float dtype), mask (n, n_pix) bool, True = bad."""
+        """Fit spectra: flux, ivar (n, n_pix) (any float dtype), mask (n, n_pix) bool, True = bad.
+
+        The spectra travel to the fit's device one batch at a time and are screened there (usable
+        pixels, median S/N): on a GPU the host only slices and copies.
+        """
         flux = np.asarray(flux, dtype=np.float32)
         ivar = np.asarray(ivar, dtype=np.float32)
         if flux.ndim != 2 or flux.shape != ivar.shape or flux.shape[1] != self.n_pix:
             raise ValueError(f"flux and ivar must both be (n_star, {self.n_pix}); got {flux.shape} and {ivar.shape}")
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != flux.shape:
+                raise ValueError(f"mask must be {flux.shape} like flux; got {mask.shape}")
         cfg = self.config
         cov_out = cfg.covariance if return_covariance is None else return_covariance
         n, L = len(flux), self.n_labels
-        with np.errstate(invalid="ignore"):
-            good = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
-        if mask is not None:
-            good &= ~np.asarray(mask, dtype=bool)
-        good &= self.usable.cpu().numpy()[None]
-        n_good = good.sum(1)
         nan = lambda *shape: np.full(shape, np.nan)  # noqa: E731
         res = FitResult(self.label_names, nan(n, L), nan(n, L), nan(n), nan(n), nan(n), np.zeros(n, np.int64),
                         np.zeros(n, np.int64), nan(n, self.n_cont), nan(n),
@@ -354,32 +356,53 @@ class SpectrumFitter:
             res.vsini, res.vsini_err = nan(n), nan(n)
         if cfg.fit_lsf:
             res.resolution, res.resolution_err = nan(n), nan(n)
-        with np.errstate(invalid="ignore"):
-            snr_pix = np.where(good, np.abs(flux) * np.sqrt(np.where(good, ivar, 0)), np.nan)
-        has = np.isfinite(snr_pix).any(1)
-        res.snr[has] = np.nanmedian(snr_pix[has], axis=1)
-        res.flags[n_good == 0] |= Flag.BAD_INPUT
-        res.flags[(n_good > 0) & (n_good < cfg.min_good_pixels)] |= Flag.FEW_PIXELS
-        todo = np.flatnonzero(n_good >= cfg.min_good_pixels)
-        d_all = np.where(good, flux, 0).astype(np.float32)
-        w_all = np.where(good, ivar, 0).astype(np.float32)
         bs = max(int(cfg.batch_size), 1)
         with torch.no_grad():
-            for lo in range(0, len(todo), bs):
-                idx = todo[lo:lo + bs]
+            for lo in range(0, n, bs):
+                rows = np.arange(lo, min(lo + bs, n))
+                d, w, n_good, snr = self._screen(flux[rows], ivar[rows], None if mask is None else mask[rows])
+                res.snr[rows] = snr
+                res.flags[rows[n_good == 0]] |= Flag.BAD_INPUT
+                res.flags[rows[(n_good > 0) & (n_good < cfg.min_good_pixels)]] |= Flag.FEW_PIXELS
+                keep = n_good >= cfg.min_good_pixels
+                if not keep.any():
+                    continue
+                if not keep.all():
+                    sel = torch.as_tensor(np.flatnonzero(keep), device=self.device)
+                    d, w = d[sel], w[sel]
+                idx = rows[keep]
                 try:
-                    self._fit_batch(idx, d_all[idx], w_all[idx], res)
+                    self._fit_batch(idx, d, w, res)
                 except (RuntimeError, torch.linalg.LinAlgError) as e:
                     # One bad batch must not sink the others: refit its stars one by one.
                     warnings.warn(f"fit kernel: a batch of {len(idx)} stars failed ({e.__class__.__name__}: "
                                   f"{str(e)[:200]}); refitting them one by one", RuntimeWarning, stacklevel=2)
-                    for i in idx:
+                    for j, i in enumerate(idx):
                         try:
-                            self._fit_batch(np.array([i]), d_all[[i]], w_all[[i]], res)
+                            self._fit_batch(np.array([i]), d[j:j + 1], w[j:j + 1], res)
                         except (RuntimeError, torch.linalg.LinAlgError):
                             res.flags[i] |= Flag.FIT_ERROR
         res.flags[np.isfinite(res.snr) & (res.snr < cfg.low_snr)] |= Flag.LOW_SNR
         return res
+
+    def _screen(self, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None):
+        """One batch onto the device: data and weights (m, n_pix) in the network's precision with
+        unusable pixels (non-finite, ivar <= 0, masked, outside the fit's pixels) at weight 0, and
+        per star the number of usable pixels (m,) and the median S/N per usable pixel (m,) (numpy)."""
+        dev = self.device
+        f = torch.as_tensor(flux).to(dev, non_blocking=True)
+        iv = torch.as_tensor(ivar).to(dev, non_blocking=True)
+        good = torch.isfinite(f) & torch.isfinite(iv) & (iv > 0) & self.usable[None]
+        if mask is not None:
+            good &= ~torch.as_tensor(mask).to(dev, non_blocking=True)
+        d = torch.where(good, f, torch.zeros_like(f))
+        w = torch.where(good, iv, torch.zeros_like(iv))
+        n_good = good.sum(1)
+        # Median of |flux| sqrt(ivar) over the usable pixels (for an even count the lower of the two
+        # middle values: torch's convention, a fifth of the cost of averaging them through a sort).
+        snr_pix = torch.where(good, d.abs() * w.sqrt(), torch.full_like(d, float("nan")))
+        mid = torch.nanmedian(snr_pix, 1).values.double()
+        return d.to(self.dtype), w.to(self.dtype), n_good.cpu().numpy(), mid.cpu().numpy()
 
     @torch.no_grad()
     def model_flux(self, labels, rv_kms, continuum, vsini_kms=None, resolution=None) -> np.ndarray:
@@ -473,11 +496,10 @@ class SpectrumFitter:
         return best_q
 
     # ------------------------------------------------------------------ one batch
-    def _fit_batch(self, idx, d_np, w_np, res: FitResult):
+    def _fit_batch(self, idx, d, w, res: FitResult):
+        """Fit stars ``idx`` (rows of ``res``): d, w (n, n_pix) on the device, unusable pixels at w = 0."""
         cfg, dev = self.config, self.device
         fwd = self.fwd
-        d = torch.as_tensor(d_np, device=dev).to(self.dtype)
-        w = torch.as_tensor(w_np, device=dev).to(self.dtype)
         n = len(d)
         if self.fit_continuum:
             cont0 = self._poly_continuum(d, w, torch.ones_like(d)).to(self.dtype) @ fwd.basis_t
