@@ -1,17 +1,45 @@
 #!/usr/bin/env bash
-# GPU check of the fit kernel, in one go, on a machine with a CUDA GPU and torch with CUDA:
-#   bash benchmarks/gpu_check.sh            # ~5-10 minutes on one H100
-# 1. the CPU-vs-CUDA test (same answer within its stated tolerance, TF32 off);
-# 2. the kernel benchmark on CUDA: 16,384 LAMOST-like and model-grid mocks at S/N 50, our kernel only,
-#    spectra/s and the fraction of the GPU's FP32 peak reached (pass PEAK_TFLOPS; H100 SXM ~67, PCIe ~51).
-# Results go to benchmarks/gpu_check.json; copy the printed lines into benchmarks/RESULTS.md.
-set -euo pipefail
+# The GPU checks of the fit kernel in one go, on a machine with a CUDA GPU and torch with CUDA
+# (~5 minutes on one H100; every step has its own time limit and the next one runs whatever happens):
+#   MODEL_DIR=DIR bash benchmarks/gpu_check.sh
+# MODEL_DIR: an imported bossbrain 4000-5000 K emulator (`distlabels models import ...`); the tests read
+# it through DISTLABELS_TEST_BOSSBRAIN_DIR, so the bossbrain package is not needed on the GPU machine.
+#  1. GPU and measured ceilings;
+#  2. gpu_profile.py on the LAMOST-like grid: spectra/s by batch size and curvature setting, the lines
+#     where the host waits for the GPU, a torch.profiler table and the fraction of the FP32 rate reached;
+#  3. the CUDA tests (CPU vs CUDA answers, per-pixel model, Cannon training, a local-cuda Dask run;
+#     the last needs dask, distributed and dask-cuda importable);
+#  4. fit_kernel.py on CUDA: our kernel on both grids at S/N 20/50/100, accuracy and CRB ratios;
+#  5. gpu_profile.py on the model's own grid.
+# Logs and JSON go to $OUT (default benchmarks/gpu_out); copy the figures into benchmarks/RESULTS.md.
+set -u
 cd "$(dirname "$0")/.."
-PY=${PY:-python}
-PEAK_TFLOPS=${PEAK_TFLOPS:-67}
-$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')"
-$PY -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
-$PY -m pytest -q tests/fit/test_quality.py -k cuda -p no:cacheprovider
-$PY benchmarks/fit_kernel.py --device cuda --skip-reference --n-stars "${N_STARS:-16384}" --snr "${SNR:-50}" \
-    --grids lamost,model --ours-modes prenorm,full --batch-size "${BATCH:-4096}" --chunks 1 \
-    --peak-tflops "$PEAK_TFLOPS" --json benchmarks/gpu_check.json
+OUT=${OUT:-benchmarks/gpu_out}
+mkdir -p "$OUT"
+MODEL=${MODEL_DIR:?set MODEL_DIR to an imported bossbrain 4000-5000 model directory}
+PY=${PY:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DISTLABELS_TEST_BOSSBRAIN_DIR=$MODEL
+N=${N_STARS:-8192}
+step() {
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "=== $name (limit ${limit} s)"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+}
+step env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'"
+step profile_lamost 150 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids lamost --n "$N" \
+    --batch-sizes 4096,8192 --json "$OUT/profile_lamost.json"
+grep -E "^GPU|spectra/s|profiled|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" "$OUT/profile_lamost.log" | head -40
+step tests 120 $PY -m pytest -q -p no:cacheprovider -rs tests/fit/test_quality.py::test_cpu_and_cuda_give_the_same_answer \
+    tests/fit/test_payne_perpixel_fit.py::test_per_pixel_model_on_cuda_matches_cpu tests/train/test_train_gpu.py \
+    tests/pipeline/test_gpu.py
+tail -n 15 "$OUT/tests.log"
+step bench 150 $PY benchmarks/fit_kernel.py --device cuda --skip-reference --n-stars "${BENCH_STARS:-2048}" \
+    --snr 20,50,100 --grids lamost,model --chunks 1 --model-dir "$MODEL" --json "$OUT/bench.json"
+grep -E "spectra/s|TFLOP" "$OUT/bench.log" | cut -c1-220 | head -30
+tail -n 3 "$OUT/bench.log"
+step profile_model 90 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids model --n "$N" \
+    --batch-sizes 4096 --json "$OUT/profile_model.json"
+grep -E "spectra/s|profiled|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" "$OUT/profile_model.log" | head -30
