@@ -30,16 +30,16 @@ step() {
 }
 step env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'"
 step profile_lamost 150 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids lamost --n "$N" \
-    --batch-sizes 4096,8192 --json "$OUT/profile_lamost.json"
+    --batch-sizes "${LAMOST_BATCHES:-4096,8192}" --approx "${APPROX:-on,off}" --json "$OUT/profile_lamost.json"
 grep -E "^GPU|spectra/s|profiled|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" "$OUT/profile_lamost.log" | head -40
-step tests 120 $PY -m pytest -q -p no:cacheprovider -rs tests/fit/test_quality.py::test_cpu_and_cuda_give_the_same_answer \
+step tests 100 $PY -m pytest -q -p no:cacheprovider -rs tests/fit/test_quality.py::test_cpu_and_cuda_give_the_same_answer \
     tests/fit/test_payne_perpixel_fit.py::test_per_pixel_model_on_cuda_matches_cpu tests/train/test_train_gpu.py \
     tests/pipeline/test_gpu.py
 tail -n 15 "$OUT/tests.log"
-step bench 150 $PY benchmarks/fit_kernel.py --device cuda --skip-reference --n-stars "${BENCH_STARS:-2048}" \
+step bench 120 $PY benchmarks/fit_kernel.py --device cuda --skip-reference --n-stars "${BENCH_STARS:-2048}" \
     --snr 20,50,100 --grids lamost,model --chunks 1 --model-dir "$MODEL" --json "$OUT/bench.json"
 grep -E "spectra/s|TFLOP" "$OUT/bench.log" | cut -c1-220 | head -30
 tail -n 3 "$OUT/bench.log"
-step profile_model 90 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids model --n "$N" \
-    --batch-sizes 4096 --json "$OUT/profile_model.json"
+step profile_model 100 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids model --n "${N_MODEL:-$N}" \
+    --batch-sizes "${MODEL_BATCHES:-4096}" --approx "${APPROX:-on,off}" --json "$OUT/profile_model.json"
 grep -E "spectra/s|profiled|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" "$OUT/profile_model.log" | head -30

@@ -469,6 +469,9 @@ class _Parts:
     chi2: torch.Tensor     # (n,) float64
 
     def take(self, m: torch.Tensor) -> "_Parts":
+        """The pieces of rows m: a bool mask or row indices (indices: no host-device sync per piece)."""
+        if m.dtype == torch.bool:
+            m = m.nonzero().squeeze(1)
         i, w, dw = self.taps
         return _Parts(self.a[:, m], self.yw[m], (i[m], tuple(t[m] for t in w), tuple(t[m] for t in dw)),
                       self.y[m], self.cont[m], self.r[m], self.chi2[m])

@@ -447,7 +447,7 @@ class SpectrumFitter:
         lhs = (aw @ a.transpose(1, 2)).double()
         rhs = (aw @ d[:, :, None]).double()[:, :, 0]
         lhs = lhs + 1e-9 * torch.diag_embed(lhs.diagonal(dim1=1, dim2=2).abs() + 1e-12)
-        return torch.linalg.solve(lhs, rhs)
+        return torch.linalg.solve_ex(lhs, rhs)[0]               # no error check: no host-device sync
 
     def _unit_cont(self, n):
         """Continuum coefficients of a flat continuum at 1 (T_0 = 1 in every segment)."""
@@ -562,7 +562,7 @@ class SpectrumFitter:
     @staticmethod
     def _keep_better(best, st, sel):
         """Stars sel of ``best`` take the results of ``st`` where its chi^2 is lower."""
-        better = st.chi2 < best.chi2[sel] - 1e-9
+        better = (st.chi2 < best.chi2[sel] - 1e-9).nonzero().squeeze(1)      # indices: one host-device sync
         s_b = sel[better]
         for name in ("p", "A", "g", "chi2", "converged", "decrement"):
             getattr(best, name)[s_b] = getattr(st, name)[better]

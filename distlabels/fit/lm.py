@@ -69,7 +69,10 @@ def _solve(A, g, hold, lam):
     M = A * keep[:, :, None] * keep[:, None, :]
     M = M + torch.diag_embed(hold.double() + lam[:, None] * diag * keep + 1e-10 * diag * keep)
     gk = g * keep
-    step = torch.linalg.solve(M, gk[:, :, None])[:, :, 0]
+    # solve_ex: no error check, which would make the host wait for the GPU twice per iteration; a
+    # singular system (it is damped, so only with non-finite input) gives a non-finite step that the
+    # trial rejects.
+    step = torch.linalg.solve_ex(M, gk[:, :, None])[0][:, :, 0]
     pred = (step * (gk + lam[:, None] * diag * keep * step)).sum(1)
     return step, pred
 
@@ -125,21 +128,33 @@ class _Batch:
         if len(idx) == 0:
             return
         self.p[idx] = p_new
-        ex = self.exact[idx]
-        for m, exact in ((ex, True), (~ex, False)):
-            part = idx[m]
-            if len(part) == 0:
-                continue
+        # Exact and approximate stars as row indices, not masks: each boolean index is a
+        # host-device sync on a GPU (here one count instead of two).
+        if self.curvature is None:
+            groups = [(None, True)]
+        else:
+            ex = self.exact[idx]
+            n_ex = int(ex.sum())
+            if n_ex in (0, len(idx)):
+                groups = [(None, n_ex > 0)]
+            else:
+                order = torch.argsort((~ex).to(torch.int8), stable=True)          # exact stars first
+                groups = [(order[:n_ex], True), (order[n_ex:], False)]
+        for m, exact in groups:
+            part = idx if m is None else idx[m]
             pp, sw, d = self.p[part], self.sw[part], self.d[part]
             if exact:
                 ne = weighted_normal_equations(self.fwd, pp, sw, d)
             else:
-                ne = self.curvature.normal_equations(pp, sw, d, None if parts is None else parts.take(m))
+                sub = parts if parts is None or m is None else parts.take(m)
+                ne = self.curvature.normal_equations(pp, sw, d, sub)
             self.A[part], self.g[part], self.chi2[part] = ne
             self.n_jac[part] += int(exact)
 
     def make_exact(self, idx):
         """The exact J^T W J (one full Jacobian) for stars idx, which stay where they are."""
+        if len(idx) == 0:
+            return
         idx = idx[~self.exact[idx]]
         if len(idx):
             self.exact[idx] = True
@@ -203,8 +218,9 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
             wait = (stop | (n_iter[active] >= APPROX_MAX_STEPS)) & ~b.exact[active]
             _restart_exact(b, active[wait], lam, nu, lambda_init)
             stop = stop & ~wait
-        converged[active[stop]] = True
-        go = ~stop & ~wait
+        converged[active] |= stop
+        # Boolean masks become row indices once: every boolean index is a host-device sync on a GPU.
+        go = (~stop & ~wait).nonzero().squeeze(1)
         sel, pa, step, pred, lam_a = active[go], pa[go], step[go], pred[go], lam_a[go]
         active = active[~stop]
         if len(sel) == 0:
@@ -219,6 +235,7 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
         lam[sel] = torch.where(ok, lam_a * torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3.0),
                                lam_a * nu[sel]).clamp_min(1e-7)
         nu[sel] = torch.where(ok, torch.full_like(lam_a, 2.0), nu[sel] * 2)
+        ok = ok.nonzero().squeeze(1)
         b.move(sel[ok], trial[ok], None if parts is None else parts.take(ok))
         # Steps that fail even with heavy damping: at the minimum to numerical precision (judged on
         # the exact matrix: a star still on the approximate one gets it and goes on).
@@ -227,7 +244,7 @@ def levenberg_marquardt(fwd, d, w, p, *, free, lo, hi, max_iter: int, tol: float
             redo = stuck & ~b.exact[active]
             _restart_exact(b, active[redo], lam, nu, lambda_init)
             stuck = stuck & ~redo
-        converged[active[stuck]] = dec[active[stuck]] < 100 * tol
+        converged[active] = torch.where(stuck, dec[active] < 100 * tol, converged[active])
         active = active[~stuck]
     # Out of iterations: the covariance still needs the exact matrix.
     if check_exact:
