@@ -46,6 +46,7 @@ def parse():
     ap.add_argument("--grids", default="lamost,model", help="lamost and/or model (default both)")
     ap.add_argument("--modes", default="prenorm,full", help="prenorm and/or full (continuum + masks)")
     ap.add_argument("--n", type=int, default=16384, help="mock stars per grid (default 16384)")
+    ap.add_argument("--mock-n", type=int, default=8192, help="distinct mocks (repeated up to --n; default 8192)")
     ap.add_argument("--snr", type=float, default=50.0, help="S/N per pixel (default 50)")
     ap.add_argument("--batch-sizes", default="4096,8192,16384", help="kernel batch sizes to time")
     ap.add_argument("--approx", default="on,off", help="approximate curvature settings to time")
@@ -174,14 +175,19 @@ def main():
     model = load(a.model_dir)
     for grid in a.grids.split(","):
         t0 = time.perf_counter()
-        table, meta = make_mock(model, MockConfig(n=a.n, snr_min=a.snr, snr_max=a.snr, seed=11, grid=grid,
+        n_unique = min(a.n, a.mock_n)
+        table, meta = make_mock(model, MockConfig(n=n_unique, snr_min=a.snr, snr_max=a.snr, seed=11, grid=grid,
                                                   normalized=True, rv_max_kms=5.0))
         n_pix = len(meta["wavelength_aa"])
-        flux = list_to_numpy(table["flux"], n_pix)
-        ivar = list_to_numpy(table["ivar"], n_pix)
-        mask = list_to_numpy(table["mask"], n_pix, np.bool_)
-        truth = np.stack([table[f"true_{k}"].to_numpy().astype(float) for k in ("teff", "logg", "mh")], 1)
-        print(f"[{grid}] {a.n} mocks of {n_pix} px made in {time.perf_counter() - t0:.1f} s (CPU)", flush=True)
+        # Mocks are made on the CPU (~2 ms each on the LAMOST grid): beyond --mock-n the set repeats.
+        reps = -(-a.n // n_unique)
+        tile = lambda x: np.concatenate([x] * reps)[: a.n]                  # noqa: E731
+        flux = tile(list_to_numpy(table["flux"], n_pix))
+        ivar = tile(list_to_numpy(table["ivar"], n_pix))
+        mask = tile(list_to_numpy(table["mask"], n_pix, np.bool_))
+        truth = tile(np.stack([table[f"true_{k}"].to_numpy().astype(float) for k in ("teff", "logg", "mh")], 1))
+        print(f"[{grid}] {n_unique} mocks of {n_pix} px made in {time.perf_counter() - t0:.1f} s (CPU)"
+              + (f", repeated to {a.n}" if reps > 1 else ""), flush=True)
         for mode in a.modes.split(","):
             kw = dict(continuum_degree=-1, masks="none") if mode == "prenorm" else {}
             t0 = time.perf_counter()
