@@ -29,7 +29,7 @@ step() {
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
 }
 step env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'"
-step profile_lamost 150 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids lamost --n "$N" \
+step profile_lamost 150 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids lamost --n "$N" --mock-n "${MOCK_N:-8192}" \
     --batch-sizes "${LAMOST_BATCHES:-4096,8192}" --approx "${APPROX:-on,off}" --json "$OUT/profile_lamost.json"
 grep -E "^GPU|spectra/s|profiled|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" "$OUT/profile_lamost.log" | head -40
 step tests 100 $PY -m pytest -q -p no:cacheprovider -rs tests/fit/test_quality.py::test_cpu_and_cuda_give_the_same_answer \
@@ -40,6 +40,6 @@ step bench 120 $PY benchmarks/fit_kernel.py --device cuda --skip-reference --n-s
     --snr 20,50,100 --grids lamost,model --chunks 1 --model-dir "$MODEL" --json "$OUT/bench.json"
 grep -E "spectra/s|TFLOP" "$OUT/bench.log" | cut -c1-220 | head -30
 tail -n 3 "$OUT/bench.log"
-step profile_model 100 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids model --n "${N_MODEL:-$N}" \
+step profile_model 100 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids model --n "${N_MODEL:-$N}" --mock-n "${MOCK_N:-8192}" \
     --batch-sizes "${MODEL_BATCHES:-4096}" --approx "${APPROX:-on,off}" --json "$OUT/profile_model.json"
 grep -E "spectra/s|profiled|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" "$OUT/profile_model.log" | head -30
