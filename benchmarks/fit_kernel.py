@@ -274,7 +274,9 @@ def main():
                 fl = report["flops"][f"{row['grid']}/{row['method'].split('/')[1]}"]["total"]
                 achieved = row["spectra_per_s"] * row["iters_or_evals"] * fl
                 row["achieved_tflops"] = achieved / 1e12
-                msg = f"[{row['grid']} S/N {row['snr']:g}] {row['method']}: ~{achieved / 1e12:.2f} TFLOP/s"
+                msg = (f"[{row['grid']} S/N {row['snr']:g}] {row['method']}: ~{achieved / 1e12:.2f} TFLOP/s by the FLOP "
+                       "model (a full Jacobian per iteration: an upper bound with the approximate curvature; "
+                       "gpu_profile.py counts the products actually run)")
                 if peak:
                     row["peak_fraction"] = achieved / 1e12 / peak
                     msg += f" = {row['peak_fraction']:.1%} of {peak} TFLOP/s"

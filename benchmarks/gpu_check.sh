@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 MODEL=${MODEL_DIR:?set MODEL_DIR to an imported bossbrain 4000-5000 model directory}
 PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DISTLABELS_TEST_BOSSBRAIN_DIR=$MODEL
-N=${N_STARS:-8192}
+N=${N_STARS:-${N:-8192}}
 step() {
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
