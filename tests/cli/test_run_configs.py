@@ -77,3 +77,13 @@ def test_verify_needs_the_store(capsys):
     assert main(["verify", "somewhere"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("distlabels: error: verify needs --spectra")
+
+
+@pytest.mark.parametrize("extra, rows", [([], 500), (["--device", "cpu"], 500), (["--cluster", "local-cuda"], 10000),
+                                         (["--device", "cuda"], 10000),
+                                         (["--cluster", "local-cuda", "--task-rows", "2000"], 2000)])
+def test_task_rows_default_follows_the_device(extra, rows):
+    # A GPU batch costs ~1 s of host work up to ~8,000 stars (benchmarks/RESULTS.md, H100): GPU runs
+    # default to tasks of 10,000 spectra, CPU runs to 500; an explicit --task-rows always wins.
+    ns = build_parser().parse_args(["fit", "--model", "m", "--spectra", "s", "--out", "o"] + extra)
+    assert run_config(_apply_yaml(ns, ns.parser)).task_rows == rows
