@@ -244,6 +244,7 @@ class SpectrumFitter:
                                  continuum_basis=sbasis)
 
         self.matmul_backend = self._choose_matmul(cfg.cpu_matmul)
+        self.use_approx_curvature                           # a bad setting fails here, not in the first batch
 
         # FAR_FROM_TRAINING: nearest-neighbour distance to the training set in the space of the labels
         # that shape the spectrum most (the start labels, scaled units). Over all 22 labels a uniform
@@ -259,6 +260,20 @@ class SpectrumFitter:
             dd = torch.cdist(probe, tx)
             dd[torch.arange(len(probe)), torch.arange(len(probe))] = np.inf
             self.nn_ref = float(torch.quantile(dd.min(1).values, 0.99))
+
+    @property
+    def use_approx_curvature(self) -> bool:
+        """Whether LM steps use :class:`~.forward.ApproxCurvature` (``FitConfig.approx_curvature``).
+
+        It saves full Jacobians but takes more steps, more so when a continuum is fitted (the exact
+        continuum rows absorb much of the label curvature, so the approximation's error weighs more):
+        measured, the exact matrix is then as fast or faster (CPU: LAMOST-like grid 3-9 %, model grid
+        -5 to +11 %; H100, LAMOST-like grid 3-26 %), so "auto" uses it for pre-normalised fits only.
+        """
+        ac = self.config.approx_curvature
+        if ac not in ("auto", True, False):
+            raise DistlabelsError(f"approx_curvature must be auto, true or false, not {ac!r}.")
+        return bool(self.fwd.supports_approx_curvature and (ac is True or (ac == "auto" and not self.fit_continuum)))
 
     def _main_labels(self, names) -> np.ndarray:
         """Indices into theta of the stage-1 labels: ``names``, else the n that change the spectrum most."""
@@ -524,7 +539,7 @@ class SpectrumFitter:
         # (a full Jacobian costs an (n_pix, H) product per label): the gradient stays exact, and every
         # star gets the exact matrix before it stops, so minimum and errors are the exact ones.
         curv = None
-        if cfg.approx_curvature and fwd.supports_approx_curvature:
+        if self.use_approx_curvature:
             curv = ApproxCurvature(fwd, w)
         n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
         best = self._run_start(d, w, cand[:, 0], v0, curvature=curv)

@@ -79,3 +79,35 @@ def test_fit_reaches_the_exact_fits_minimum(bossbrain_model):
     truth = np.stack([table[f"true_{c}"].to_numpy() for c in ("teff", "logg", "mh")], 1)
     pull = (ours.labels[:, :3] - truth) / ours.errors[:, :3]
     assert np.all(np.abs(pull) < 5)
+
+
+
+def test_auto_uses_the_approximation_only_without_a_fitted_continuum(bossbrain_model):
+    """approx_curvature="auto" (the default) is the approximate path for pre-normalised fits and the
+    exact one when a continuum is fitted: the same numbers as forcing that path, other numbers than
+    forcing the other one; a bad value is refused."""
+    import pytest
+
+    from distlabels.errors import DistlabelsError
+
+    table, meta = make_mock(bossbrain_model, MockConfig(n=4, snr_min=50, snr_max=50, seed=5, grid="lamost",
+                                                        rv_max_kms=30.0))
+    n_pix = len(meta["wavelength_aa"])
+    flux, ivar = list_to_numpy(table["flux"], n_pix), list_to_numpy(table["ivar"], n_pix)
+
+    def fitter(**cfg):
+        return SpectrumFitter(bossbrain_model, meta["wavelength_aa"], wavelength_medium=meta["wavelength_medium"],
+                              resolution=meta["resolution"], segments=meta["segments"],
+                              config=FitConfig(library_size=64, **cfg))
+
+    for cfg, expect in ((dict(continuum_degree=-1, masks="none"), True), ({}, False)):
+        auto = fitter(**cfg)
+        assert auto.use_approx_curvature is expect
+        got = auto.fit(flux, ivar)
+        same = fitter(approx_curvature=expect, **cfg).fit(flux, ivar)
+        other = fitter(approx_curvature=not expect, **cfg).fit(flux, ivar)
+        np.testing.assert_array_equal(got.labels, same.labels)
+        np.testing.assert_array_equal(got.n_iter, same.n_iter)
+        assert not (np.array_equal(got.labels, other.labels) and np.array_equal(got.n_iter, other.n_iter))
+    with pytest.raises(DistlabelsError, match="approx_curvature"):
+        fitter(approx_curvature="sometimes")
