@@ -357,9 +357,11 @@ class SpectrumFitter:
         if flux.ndim != 2 or flux.shape != ivar.shape or flux.shape[1] != self.n_pix:
             raise ValueError(f"flux and ivar must both be (n_star, {self.n_pix}); got {flux.shape} and {ivar.shape}")
         if mask is not None:
-            mask = np.asarray(mask, dtype=bool)
-            if mask.shape != flux.shape:
-                raise ValueError(f"mask must be {flux.shape} like flux; got {mask.shape}")
+            try:                                          # (n_pix,) masks every star alike
+                mask = np.broadcast_to(np.asarray(mask, dtype=bool), flux.shape)
+            except ValueError:
+                raise ValueError(f"mask must be {flux.shape} like flux (or ({self.n_pix},)); "
+                                 f"got {np.shape(mask)}") from None
         cfg = self.config
         cov_out = cfg.covariance if return_covariance is None else return_covariance
         n, L = len(flux), self.n_labels
