@@ -52,8 +52,8 @@ class FitConfig:
     start_decimate: int = 2            # ... on every k-th pixel when the model's own pixels are the working grid
     approx_curvature: bool | str = "auto"  # LM steps on J^T W J with its label block from one (H, H) matrix per batch
                                        # (exact gradient; the exact matrix before a star stops and for its errors);
-                                       # auto: on unless a continuum is fitted (then the exact matrix is as fast or
-                                       # faster: benchmarks/RESULTS.md); true | false force it
+                                       # auto: on when it pulls back few rows next to a full Jacobian (pre-normalised,
+                                       # one continuum segment; SpectrumFitter.use_approx_curvature); true | false
     batch_size: int = 64               # stars per batch in the kernel
     cpu_matmul: str = "auto"           # CPU backend of the network's big products: auto (timed once) | torch | numpy
     # --- flags --------------------------------------------------------------------------------

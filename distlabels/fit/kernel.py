@@ -40,6 +40,10 @@ from .start import StartSearch
 from .working_grid import FWHM_PER_SIGMA, build_native_grid, build_working_grid, chebyshev_basis
 
 BROADENING_PAD_SIGMA = 5.0   # FFT padding: kernel half-width in Gaussian sigmas
+# approx_curvature "auto": the approximation when its pulled-back rows (2 + fitted continuum coefficients)
+# are at most this share of a full Jacobian's rows (fitted labels + 1); between the measured 6/23 (faster
+# with it) and 10/23 (slower).
+APPROX_MAX_ROW_FRACTION = 0.3
 
 
 @dataclass
@@ -265,15 +269,20 @@ class SpectrumFitter:
     def use_approx_curvature(self) -> bool:
         """Whether LM steps use :class:`~.forward.ApproxCurvature` (``FitConfig.approx_curvature``).
 
-        It saves full Jacobians but takes more steps, more so when a continuum is fitted (the exact
-        continuum rows absorb much of the label curvature, so the approximation's error weighs more):
-        measured, the exact matrix is then as fast or faster (CPU: LAMOST-like grid 3-9 %, model grid
-        -5 to +11 %; H100, LAMOST-like grid 3-26 %), so "auto" uses it for pre-normalised fits only.
+        It replaces a full Jacobian (n_theta + 1 rows through the last layer) by pulling 2 + n_cont rows
+        back (residual, RV, continuum), and it takes a step or two more. "auto" uses it when those
+        rows are at most APPROX_MAX_ROW_FRACTION of the Jacobian's: measured on the bossbrain 22-label
+        emulator, pre-normalised fits (2 / 23) and the model grid with one continuum segment (6 / 23)
+        are faster with it, the LAMOST-like grid with two segments (10 / 23) 3-9 % faster without
+        (CPU and H100; benchmarks/RESULTS.md).
         """
         ac = self.config.approx_curvature
         if ac not in ("auto", True, False):
             raise DistlabelsError(f"approx_curvature must be auto, true or false, not {ac!r}.")
-        return bool(self.fwd.supports_approx_curvature and (ac is True or (ac == "auto" and not self.fit_continuum)))
+        if not self.fwd.supports_approx_curvature or ac is False:
+            return False
+        rows = 2 + (self.n_cont if self.fit_continuum else 0)
+        return ac is True or rows <= APPROX_MAX_ROW_FRACTION * (self.lmap.n_theta + 1)
 
     def _main_labels(self, names) -> np.ndarray:
         """Indices into theta of the stage-1 labels: ``names``, else the n that change the spectrum most."""

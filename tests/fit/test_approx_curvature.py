@@ -83,9 +83,10 @@ def test_fit_reaches_the_exact_fits_minimum(bossbrain_model):
 
 
 def test_auto_uses_the_approximation_only_without_a_fitted_continuum(bossbrain_model):
-    """approx_curvature="auto" (the default) is the approximate path for pre-normalised fits and the
-    exact one when a continuum is fitted: the same numbers as forcing that path, other numbers than
-    forcing the other one; a bad value is refused."""
+    """approx_curvature="auto" (the default) is the approximate path for a pre-normalised fit and the
+    exact one with the LAMOST-like grid's two continuum segments (10 pulled-back rows against a
+    23-row Jacobian): the same numbers as forcing that path, other numbers than forcing the other
+    one; a bad value is refused."""
     import pytest
 
     from distlabels.errors import DistlabelsError
