@@ -35,9 +35,11 @@ def main():
     ap.add_argument("--snr", default="20,50,100", help="S/N per pixel values")
     ap.add_argument("--n", type=int, default=128, help="mocks per S/N (default 128)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="of " + ", ".join(SETTINGS))
+    ap.add_argument("--labels", default=None, help="fit only these labels, e.g. teff,logg,mh (default all)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     model = load(a.model_dir)
+    labels = tuple(a.labels.split(",")) if a.labels else None
     for snr in (float(x) for x in a.snr.split(",")):
         table, meta = make_mock(model, MockConfig(n=a.n, snr_min=snr, snr_max=snr, seed=3, grid=a.grid,
                                                   normalized=True, rv_max_kms=5.0))
@@ -49,7 +51,7 @@ def main():
             for approx in (True, False):
                 f = SpectrumFitter(model, meta["wavelength_aa"], wavelength_medium=meta["wavelength_medium"],
                                    resolution=meta["resolution"], segments=meta["segments"],
-                                   config=FitConfig(approx_curvature=approx, **SETTINGS[name]))
+                                   config=FitConfig(approx_curvature=approx, labels=labels, **SETTINGS[name]))
                 t0 = time.perf_counter()
                 r = f.fit(flux, ivar, mask)
                 row.append(((time.perf_counter() - t0) / a.n * 1e3, float(r.n_iter.mean())))
