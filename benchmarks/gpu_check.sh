@@ -12,6 +12,11 @@
 #  4. fit_kernel.py on CUDA: our kernel on both grids at S/N 20/50/100, accuracy and CRB ratios;
 #  5. gpu_profile.py on the model's own grid.
 # Logs and JSON go to $OUT (default benchmarks/gpu_out); copy the figures into benchmarks/RESULTS.md.
+# Knobs: N_STARS, MOCK_N (distinct mocks, repeated up to N_STARS), LAMOST_BATCHES, MODEL_BATCHES, N_MODEL,
+# APPROX (on,off), BENCH_STARS. The best H100 figure so far came from
+#   N_STARS=32768 MOCK_N=4096 LAMOST_BATCHES=8192,32768 APPROX=on
+# The tests import astropy (APOGEE loader) and, for the local-cuda run, dask, distributed and dask-cuda:
+# on a bare GPU image install them first (wheels; see the device notes in benchmarks/RESULTS.md).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/gpu_out}
