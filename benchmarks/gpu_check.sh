@@ -16,7 +16,7 @@
 # APPROX (on,off), BENCH_STARS. The best H100 figure so far came from
 #   N_STARS=32768 MOCK_N=4096 LAMOST_BATCHES=8192,32768 APPROX=on
 # The tests import astropy (APOGEE loader) and, for the local-cuda run, dask, distributed and dask-cuda:
-# on a bare GPU image install them first (wheels; see the device notes in benchmarks/RESULTS.md).
+# on a bare GPU image install them first (the wheels used on the H100: benchmarks/RESULTS.md, "On a GPU").
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/gpu_out}
