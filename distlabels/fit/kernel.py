@@ -273,7 +273,7 @@ class SpectrumFitter:
         back (residual, RV, continuum), and it takes a step or two more. "auto" uses it when those
         rows are at most APPROX_MAX_ROW_FRACTION of the Jacobian's: measured on the bossbrain 22-label
         emulator, pre-normalised fits (2 / 23) and the model grid with one continuum segment (6 / 23)
-        are faster with it, the LAMOST-like grid with two segments (10 / 23) 3-9 % faster without
+        are faster with it, the LAMOST-like grid with two segments (10 / 23) 3-12 % faster without
         (CPU and H100; benchmarks/RESULTS.md).
         """
         ac = self.config.approx_curvature
