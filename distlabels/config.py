@@ -208,6 +208,10 @@ class TransformerPayneTrainConfig:
     seed: int = 0
 
 
+CPU_TASK_ROWS = 500       # RunConfig.task_rows defaults
+GPU_TASK_ROWS = 10000
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Settings of a distributed fit run (:mod:`distlabels.pipeline`)."""
@@ -216,7 +220,9 @@ class RunConfig:
     workers: int | None = None         # LocalCluster workers (default: one per core; local-cuda: one per GPU)
     threads_per_worker: int = 1
     device: str = "auto"               # auto | cpu | cuda
-    task_rows: int = 500               # spectra per task (aim: seconds of compute per task)
+    task_rows: int | None = None       # spectra per task; None: 500 on CPUs (seconds of compute per task),
+                                       # 10,000 with GPU workers (a batch costs ~1 s of host work up to ~8,000
+                                       # stars on an H100: benchmarks/RESULTS.md)
     retries: int = 2                   # Dask retries of a failed task before it goes to _failures.parquet
     overwrite: bool = False
     progress: bool = True
@@ -228,6 +234,11 @@ class RunConfig:
     k8s_namespace: str | None = None   # k8s: namespace (default: the manifest's, else the context's)
     wait_for_workers_s: float = 600.0  # remote clusters: how long to wait for the first worker
     connect_timeout_s: float = 30.0    # scheduler addresses: how long to try to connect
+
+    def __post_init__(self):
+        if self.task_rows is None:
+            gpu = self.cluster == "local-cuda" or self.device == "cuda"
+            object.__setattr__(self, "task_rows", GPU_TASK_ROWS if gpu else CPU_TASK_ROWS)
 
 
 @dataclass(frozen=True)

@@ -129,9 +129,6 @@ def check_fit_labels(model_dir, cfg) -> None:
         check_label_options(names, labels=cfg.labels, fix=cfg.fix, ties=cfg.ties, start_labels=cfg.start_labels)
 
 
-GPU_TASK_ROWS = 10000        # default spectra per task when the workers fit on GPUs
-
-
 def run_config(args):
     """The RunConfig that ``distlabels fit`` would run with (command line over YAML over defaults)."""
     from ..config import RunConfig
@@ -140,13 +137,9 @@ def run_config(args):
         value = getattr(args, name, None)
         return default if value is None else cast(value)
 
-    cluster, device = opt("cluster", "local", str), opt("device", "auto", str)
-    # On a GPU a batch costs ~1 s of host work whatever its size up to ~8,000 stars (H100, RESULTS.md):
-    # 500-star tasks would leave it idle most of the time.
-    gpu = cluster == "local-cuda" or device == "cuda"
-    return RunConfig(cluster=cluster, workers=opt("workers", None, int),
-                     threads_per_worker=opt("threads_per_worker", 1, int), device=device,
-                     task_rows=opt("task_rows", GPU_TASK_ROWS if gpu else 500, int), retries=opt("retries", 2, int),
+    return RunConfig(cluster=opt("cluster", "local", str), workers=opt("workers", None, int),
+                     threads_per_worker=opt("threads_per_worker", 1, int), device=opt("device", "auto", str),
+                     task_rows=opt("task_rows", None, int), retries=opt("retries", 2, int),
                      overwrite=bool(args.overwrite), progress=not args.no_progress, fit=fit_config(args),
                      cuda_visible_devices=opt("cuda_visible_devices", None, str),
                      gpu_memory_fraction=opt("gpu_memory_fraction", 0.5, float),

@@ -87,3 +87,11 @@ def test_task_rows_default_follows_the_device(extra, rows):
     # default to tasks of 10,000 spectra, CPU runs to 500; an explicit --task-rows always wins.
     ns = build_parser().parse_args(["fit", "--model", "m", "--spectra", "s", "--out", "o"] + extra)
     assert run_config(_apply_yaml(ns, ns.parser)).task_rows == rows
+
+
+def test_run_config_resolves_the_task_rows_default_itself():
+    # The same default for library users (run_fit(..., RunConfig(cluster="local-cuda"))) as for the CLI.
+    assert RunConfig().task_rows == 500 and RunConfig(device="cpu").task_rows == 500
+    assert RunConfig(cluster="local-cuda").task_rows == 10000
+    assert RunConfig(cluster="tcp://h:8786", device="cuda").task_rows == 10000
+    assert RunConfig(cluster="local-cuda", task_rows=64).task_rows == 64
