@@ -3,7 +3,9 @@ small mock stores made from it. Session-scoped: built once, read by many tests."
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +25,6 @@ def bossbrain_model_dir(tmp_path_factory):
     # (`distlabels models import ...` output: our own safetensors + JSON, no pickle involved).
     pre = os.environ.get("DISTLABELS_TEST_BOSSBRAIN_DIR")
     if pre:
-        import json
-        from pathlib import Path
-
         src = json.loads((Path(pre) / "model.json").read_text()).get("source", {})
         if src.get("file") != "ann_22pars_4000-5000.pkl":
             pytest.fail(f"DISTLABELS_TEST_BOSSBRAIN_DIR={pre} is not the imported 4000-5000 K bossbrain emulator")

@@ -81,7 +81,6 @@ def test_fit_reaches_the_exact_fits_minimum(bossbrain_model):
     assert np.all(np.abs(pull) < 5)
 
 
-
 def test_auto_uses_the_approximation_only_without_a_fitted_continuum(bossbrain_model):
     """approx_curvature="auto" (the default) is the approximate path for a pre-normalised fit and the
     exact one with the LAMOST-like grid's two continuum segments (10 pulled-back rows against a

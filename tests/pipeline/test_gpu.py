@@ -33,9 +33,9 @@ def _n_gpus() -> int:
 def test_local_cuda_run_one_worker_per_gpu(tmp_path, bossbrain_model_dir, small_store):
     import json
 
-    from distlabels import paths
-
     import torch
+
+    from distlabels import paths
 
     n_gpu = _n_gpus()
     # Other CUDA tests of this session (tests/fit, tests/train) may already have made a context in
