@@ -13,7 +13,9 @@
 #  5. gpu_profile.py on the model's own grid.
 # Logs and JSON go to $OUT (default benchmarks/gpu_out); copy the figures into benchmarks/RESULTS.md.
 # Knobs: N_STARS, MOCK_N (distinct mocks, repeated up to N_STARS), LAMOST_BATCHES, MODEL_BATCHES, N_MODEL,
-# APPROX (on,off), BENCH_STARS. The best H100 figure so far came from
+# APPROX (on,off,auto), TAPS (fused,eager,legacy: Doppler taps on the aligned LAMOST grid), BENCH_STARS,
+# BENCH_GRIDS, SKIP_PROFILE (set: no profiler table), STEPS (which of: env profile_lamost tests bench profile_model; default all, in this order).
+# The best H100 figure so far came from
 #   N_STARS=32768 MOCK_N=4096 LAMOST_BATCHES=8192,32768 APPROX=on
 # The tests import astropy (APOGEE loader) and, for the local-cuda run, dask, distributed and dask-cuda:
 # on a bare GPU image install them first (the wheels used on the H100: benchmarks/RESULTS.md, "On a GPU").
@@ -25,26 +27,33 @@ MODEL=${MODEL_DIR:?set MODEL_DIR to an imported bossbrain 4000-5000 model direct
 PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DISTLABELS_TEST_BOSSBRAIN_DIR=$MODEL
 N=${N_STARS:-${N:-8192}}
+STEPS=" ${STEPS:-env profile_lamost tests bench profile_model} "
 step() {
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
+    case "$STEPS" in *" $name "*) ;; *) return 0 ;; esac
     echo "=== $name (limit ${limit} s)"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
 }
-step env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'"
-step profile_lamost 150 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids lamost --n "$N" --mock-n "${MOCK_N:-8192}" \
-    --batch-sizes "${LAMOST_BATCHES:-4096,8192}" --approx "${APPROX:-on,off}" --json "$OUT/profile_lamost.json"
-grep -E "^GPU|spectra/s|profiled|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" "$OUT/profile_lamost.log" | head -40
-step tests 100 $PY -m pytest -q -p no:cacheprovider -rs tests/fit/test_quality.py::test_cpu_and_cuda_give_the_same_answer \
+step env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'; \
+    $PY -c 'import triton; print(\"triton\", triton.__version__)'; command -v cc gcc clang"
+PROF=${SKIP_PROFILE:+--skip-profile}
+step profile_lamost 240 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids lamost --n "$N" --mock-n "${MOCK_N:-8192}" \
+    --batch-sizes "${LAMOST_BATCHES:-4096,8192}" --approx "${APPROX:-on,off}" --taps "${TAPS:-fused,eager,legacy}" \
+    $PROF --json "$OUT/profile_lamost.json"
+grep -E "^GPU|spectra/s|profiled|aligned grid|not available|compile|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" \
+    "$OUT/profile_lamost.log" 2>/dev/null | cut -c1-250 | head -60
+step tests 150 $PY -m pytest -q -p no:cacheprovider -rs tests/fit/test_quality.py::test_cpu_and_cuda_give_the_same_answer \
+    tests/fit/test_aligned.py \
     tests/fit/test_payne_perpixel_fit.py::test_per_pixel_model_on_cuda_matches_cpu tests/train/test_train_gpu.py \
     tests/pipeline/test_gpu.py
-tail -n 15 "$OUT/tests.log"
-step bench 120 $PY benchmarks/fit_kernel.py --device cuda --skip-reference --n-stars "${BENCH_STARS:-2048}" \
-    --snr 20,50,100 --grids lamost,model --chunks 1 --model-dir "$MODEL" --json "$OUT/bench.json"
-grep -E "spectra/s|TFLOP" "$OUT/bench.log" | cut -c1-220 | head -30
-tail -n 3 "$OUT/bench.log"
+tail -n 15 "$OUT/tests.log" 2>/dev/null
+step bench 150 $PY benchmarks/fit_kernel.py --device cuda --skip-reference --n-stars "${BENCH_STARS:-2048}" \
+    --snr 20,50,100 --grids "${BENCH_GRIDS:-lamost,model}" --chunks 1 --model-dir "$MODEL" --json "$OUT/bench.json"
+grep -E "spectra/s|TFLOP" "$OUT/bench.log" 2>/dev/null | cut -c1-220 | head -30
+tail -n 3 "$OUT/bench.log" 2>/dev/null
 step profile_model 100 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids model --n "${N_MODEL:-$N}" --mock-n "${MOCK_N:-8192}" \
-    --batch-sizes "${MODEL_BATCHES:-4096}" --approx "${APPROX:-on,off}" --json "$OUT/profile_model.json"
-grep -E "spectra/s|profiled|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" "$OUT/profile_model.log" | head -30
+    --batch-sizes "${MODEL_BATCHES:-4096}" --approx "${APPROX:-on,off}" --taps legacy --json "$OUT/profile_model.json"
+grep -E "spectra/s|profiled|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" "$OUT/profile_model.log" 2>/dev/null | head -30

@@ -9,7 +9,9 @@ For each grid (the 3,909-pixel LAMOST-like grid, the model's own 14,001 pixels) 
 pre-normalised mock spectra at one S/N (CPU), then on the GPU:
 
 * spectra/s of ``SpectrumFitter.fit`` over all of them (host arrays in, results out, synchronised), for
-  each batch size and with the approximate curvature on and off, after a warm-up fit, and the peak
+  each batch size, with the approximate curvature on and off, and for each way of doing the Doppler
+  taps on aligned grids (``--taps``: ``fused``, one torch.compile kernel; ``eager``, batched gathers;
+  ``legacy``, per-pixel weights as before the aligned GPU path), after a warm-up fit, with the peak
   GPU memory of each;
 * the places in our code that wait for the GPU (``torch.cuda.set_sync_debug_mode``), counted by line;
 * a ``torch.profiler`` table of one fit (CUDA time by operator) with the FLOPs of the matrix products,
@@ -49,7 +51,9 @@ def parse():
     ap.add_argument("--mock-n", type=int, default=8192, help="distinct mocks (repeated up to --n; default 8192)")
     ap.add_argument("--snr", type=float, default=50.0, help="S/N per pixel (default 50)")
     ap.add_argument("--batch-sizes", default="4096,8192,16384", help="kernel batch sizes to time")
-    ap.add_argument("--approx", default="on,off", help="approximate curvature settings to time")
+    ap.add_argument("--approx", default="on,off", help="approximate curvature settings to time: on, off, auto")
+    ap.add_argument("--taps", default="fused,eager,legacy",
+                    help="Doppler taps on aligned grids to time: fused (torch.compile), eager, legacy (per-pixel)")
     ap.add_argument("--profile-n", type=int, default=4096, help="stars in the profiled fit (default 4096)")
     ap.add_argument("--peak-tflops", type=float, default=67.0, help="datasheet FP32 peak (H100 SXM: 67)")
     ap.add_argument("--json", help="write the figures here")
@@ -97,6 +101,18 @@ def copy_tbs(nbytes=2 << 30, reps=10) -> float:
         y.copy_(x)
     sync()
     return 2 * nbytes * reps / (time.perf_counter() - t0) / 1e12
+
+
+def set_taps(fitter, how: str, saved: dict) -> bool:
+    """Switch the fitter's Doppler taps (see --taps); False when that setting is not available here."""
+    for fw in (fitter.fwd, fitter.fwd_main):
+        saved.setdefault(id(fw), (fw.aligned, fw.fused.enabled))
+        aligned, fused = saved[id(fw)]
+        fw.aligned = None if how == "legacy" else aligned
+        fw.fused.enabled = fused and how == "fused"
+    if saved[id(fitter.fwd)][0] is None:            # not an aligned grid: one path, whatever the setting
+        return how == "legacy"
+    return fitter.fwd.fused.enabled if how == "fused" else True
 
 
 def timed_fit(fitter, flux, ivar, mask):
@@ -198,29 +214,45 @@ def main():
             print(f"[{grid}/{mode}] fitter built in {time.perf_counter() - t0:.1f} s: working grid "
                   f"{fitter.grid.n_work} px, {fitter.n_par} parameters", flush=True)
             base_cfg = fitter.config
-            fitter.fit(flux[:256], ivar[:256], mask[:256])        # warm-up: kernels, cuBLAS/cuSOLVER handles
-            for approx in a.approx.split(","):
-                for bs in (int(b) for b in a.batch_sizes.split(",")):
-                    fitter.config = dataclasses.replace(base_cfg, batch_size=bs, approx_curvature=(approx == "on"))
-                    try:
-                        res, sec, mem = timed_fit(fitter, flux, ivar, mask)
-                    except torch.OutOfMemoryError:
-                        print(f"[{grid}/{mode}] batch {bs}: out of GPU memory", flush=True)
-                        torch.cuda.empty_cache()
-                        continue
-                    d = res.labels[:, :3] - truth
-                    row = dict(grid=grid, mode=mode, approx=approx, batch_size=bs, n=a.n, seconds=sec,
-                               spectra_per_s=a.n / sec, peak_mem_gib=mem, iters=float(np.mean(res.n_iter)),
-                               fit_ok=float(np.mean((res.flags & (Flag.NOT_CONVERGED | Flag.CHI2_HIGH | Flag.FIT_ERROR)) == 0)),
-                               scatter=[float(x) for x in np.nanstd(d, 0)],
-                               pull_std=[float(x) for x in np.nanstd(d / res.errors[:, :3], 0)])
-                    report["runs"].append(row)
-                    print(f"[{grid}/{mode}] approx {approx:3s} batch {bs:6d}: {row['spectra_per_s']:9.0f} spectra/s "
-                          f"({sec:.2f} s), peak {mem:.1f} GiB, iters {row['iters']:.1f}, fit-ok {row['fit_ok']:.1%}, "
-                          f"scatter teff/logg/mh {row['scatter'][0]:.1f} / {row['scatter'][1]:.3f} / {row['scatter'][2]:.3f}, "
-                          f"pull std {row['pull_std'][0]:.2f} / {row['pull_std'][1]:.2f} / {row['pull_std'][2]:.2f}",
-                          flush=True)
+            saved: dict = {}
+            print(f"[{grid}/{mode}] aligned grid: {fitter.fwd.aligned is not None}; fused taps: "
+                  f"{fitter.fwd.fused.enabled or fitter.fwd.fused.reason}", flush=True)
+            for taps, approx, bs in ((t, ap_, int(b)) for t in a.taps.split(",") for ap_ in a.approx.split(",")
+                                     for b in a.batch_sizes.split(",")):
+                if not set_taps(fitter, taps, saved):
+                    print(f"[{grid}/{mode}] taps {taps}: not available "
+                          f"({fitter.fwd.fused.reason or 'not an aligned grid: only legacy runs'})", flush=True)
+                    continue
+                ac = "auto" if approx == "auto" else approx == "on"
+                fitter.config = dataclasses.replace(base_cfg, batch_size=4096, approx_curvature=ac)
+                t0 = time.perf_counter()
+                fitter.fit(flux[:256], ivar[:256], mask[:256])    # warm-up: kernels, cuBLAS handles, compilation
+                warm = time.perf_counter() - t0
+                fitter.config = dataclasses.replace(base_cfg, batch_size=bs, approx_curvature=ac)
+                try:
+                    res, sec, mem = timed_fit(fitter, flux, ivar, mask)
+                except torch.OutOfMemoryError:
+                    print(f"[{grid}/{mode}] batch {bs}: out of GPU memory", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                d = res.labels[:, :3] - truth
+                row = dict(grid=grid, mode=mode, taps=taps, approx=approx, approx_used=fitter.use_approx_curvature,
+                           batch_size=bs, n=a.n, seconds=sec,
+                           warmup_s=warm,
+                           spectra_per_s=a.n / sec, peak_mem_gib=mem, iters=float(np.mean(res.n_iter)),
+                           fit_ok=float(np.mean((res.flags & (Flag.NOT_CONVERGED | Flag.CHI2_HIGH | Flag.FIT_ERROR)) == 0)),
+                           scatter=[float(x) for x in np.nanstd(d, 0)],
+                           pull_std=[float(x) for x in np.nanstd(d / res.errors[:, :3], 0)])
+                report["runs"].append(row)
+                used = "on" if row["approx_used"] else "off"
+                print(f"[{grid}/{mode}] taps {taps:6s} approx {approx}->{used} batch {bs:6d}: {row['spectra_per_s']:9.0f} spectra/s "
+                      f"({sec:.2f} s), peak {mem:.1f} GiB, iters {row['iters']:.1f}, fit-ok {row['fit_ok']:.1%}, "
+                      f"scatter teff/logg/mh {row['scatter'][0]:.1f} / {row['scatter'][1]:.3f} / {row['scatter'][2]:.3f}, "
+                      f"pull std {row['pull_std'][0]:.2f} / {row['pull_std'][1]:.2f} / {row['pull_std'][2]:.2f}",
+                      flush=True)
             fitter.config = dataclasses.replace(base_cfg, batch_size=4096)
+            if not set_taps(fitter, a.taps.split(",")[0], saved):
+                set_taps(fitter, "legacy", saved)
             if a.skip_profile:
                 continue
             k = min(a.profile_n, a.n)
@@ -246,7 +278,8 @@ def main():
         print(f"wrote {a.json}")
     print("summary (spectra/s):")
     for r in report["runs"]:
-        print(f"  {r['grid']:6s} {r['mode']:7s} approx {r['approx']:3s} batch {r['batch_size']:6d}: {r['spectra_per_s']:9.0f}")
+        print(f"  {r['grid']:6s} {r['mode']:7s} taps {r['taps']:6s} approx {r['approx']:3s} batch {r['batch_size']:6d}: "
+              f"{r['spectra_per_s']:9.0f}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ class FitConfig:
                                        # auto: on when it pulls back few rows next to a full Jacobian (pre-normalised,
                                        # one continuum segment; SpectrumFitter.use_approx_curvature); true | false
     batch_size: int = 64               # stars per batch in the kernel
+    fused_kernels: bool | str = "auto"  # Doppler taps on aligned log-uniform grids fused into one kernel by
+                                       # torch.compile: auto (on CUDA with Triton) | true | false
     cpu_matmul: str = "auto"           # CPU backend of the network's big products: auto (timed once) | torch | numpy
     # --- flags --------------------------------------------------------------------------------
     min_good_pixels: int = 50          # fewer usable pixels: not fitted, flagged

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..io.wavelength import C_KMS
+from .aligned import FusedTaps
 from .broadening import Broadener
 
 LN10 = float(np.log(10.0))
@@ -67,7 +68,7 @@ class ForwardModel:
     """
 
     def __init__(self, work, grid, log10_obs: np.ndarray, basis: np.ndarray, *, n_theta: int,
-                 fit_continuum: bool, broadener: Broadener | None, device, dtype):
+                 fit_continuum: bool, broadener: Broadener | None, device, dtype, fused: bool | str = "auto"):
         self.work, self.grid = work, grid
         self.device, self.dtype = device, dtype
         self.n_theta = n_theta
@@ -90,15 +91,18 @@ class ForwardModel:
         self.n_work = grid.n_work
         self.aligned = None
         self.native_offset = None
+        self.fused = FusedTaps(fused, torch.device(device))
+        # Aligned taps as per-star slices (CPU) or batched gathers (GPU; and CPU when fusion is forced).
+        self.batched_taps = torch.device(device).type != "cpu" or self.fused.enabled
         if grid.uniform:
             self.u0 = (lo - grid.log10_start) / grid.step_dex                     # (n_pix,) fractional index at v = 0
             # Observed pixels every m working pixels (log-uniform surveys: LAMOST, SDSS/BOSS, APOGEE):
-            # then a star's interpolation weights are the same for all its pixels and the taps are
-            # strided slices instead of gathers (on CPU; a GPU does one batched gather better than
-            # thousands of small slices).
+            # then a star's interpolation weights are the same for all its pixels, and the taps are
+            # strided slices on a CPU and one batched (on CUDA fused) gather on a GPU, which does that
+            # better than thousands of small slices (:mod:`.aligned`).
             u0 = self.u0.cpu().numpy()
             du = np.diff(u0)
-            if len(u0) > 1 and np.all(np.isfinite(u0)) and torch.device(device).type == "cpu":
+            if len(u0) > 1 and np.all(np.isfinite(u0)):
                 m = int(round(float(np.median(du))))
                 if m >= 1 and np.all(np.abs(du - m) < 1e-4):
                     self.aligned = (float(u0[0]), m)
@@ -165,7 +169,12 @@ class ForwardModel:
             base = u.floor()
             f = (u - base).to(self.dtype)
             base = base.long() - 1
-            if bool(((base >= 0) & (base + 3 + m * (n_pix - 1) <= self.n_work - 1)).all()):
+            top = self.n_work - 4 - m * (n_pix - 1)
+            if self.batched_taps:
+                # The grid's margin covers |v| <= v_max (the bounds), so the clamp changes nothing in a
+                # fit; a test on the host would cost a GPU synchronisation per call.
+                base = base.clamp(0, max(top, 0))
+            if self.batched_taps or bool(((base >= 0) & (base <= top)).all()):
                 w, dw = cubic_weights(f)
                 scale = (-dshift_dv / self.grid.step_dex).to(self.dtype)
                 return base, w, tuple(d * scale for d in dw)
@@ -237,9 +246,14 @@ class ForwardModel:
             ok &= (val >= self.native[0]) & (val <= self.native[-1])
         return ok
 
-    def _interp(self, rows: torch.Tensor, i: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
-        """rows (n, R, n_work) at the taps: (n, R, n_pix), written into ``out`` when given."""
+    def _interp(self, rows: torch.Tensor, i: torch.Tensor, w, out: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        """rows (n, R, n_work) at the taps: (n, R, n_pix), written into ``out`` when given.
+
+        scale: (n, n_pix), only with aligned batched taps (the one-kernel path multiplies by it)."""
         n, r, _ = rows.shape
+        if i.dim() == 1 and self.batched_taps:
+            return self.fused.interp(rows, i, torch.stack(w), self.aligned[1], len(self.u0), scale, out)
         if i.dim() == 1:
             # Aligned grid: per star, each tap is a strided slice with one weight.
             m, n_pix = self.aligned[1], len(self.u0)
@@ -280,10 +294,15 @@ class ForwardModel:
                 o.addcmul_(rows[s_, :, a_ + kk + t:b_ + kk + t], w[t][s_, a_:b_])
         return out
 
-    def interp_t(self, u: torch.Tensor, i: torch.Tensor, w) -> torch.Tensor:
-        """The transpose of :meth:`_interp`: observed-pixel rows u (n, R, n_pix) spread back onto the
-        working grid by the same taps, (n, R, n_work). Used to pull vectors back through the network."""
+    def interp_t(self, u: torch.Tensor, i: torch.Tensor, w, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The transpose of :meth:`_interp`: observed-pixel rows u (n, R, n_pix) (times scale (n, n_pix))
+        spread back onto the working grid by the same taps, (n, R, n_work). Used to pull vectors back
+        through the network."""
         n, r, n_pix = u.shape
+        if i.dim() == 1 and self.batched_taps:
+            return self.fused.spread(u, i, torch.stack(w), self.aligned[1], self.n_work, scale)
+        if scale is not None:
+            u = u * scale[:, None, :]
         out = torch.zeros(n, r, self.n_work, dtype=u.dtype, device=u.device)
         if i.dim() == 1:
             m = self.aligned[1]
@@ -418,7 +437,13 @@ class ForwardModel:
         y = self._interp(rows[:, :1], i, w)[:, 0]
         cont = self.continuum(p)
         cs = cont * sw
-        if i.dim() == 1:
+        if i.dim() == 1 and self.batched_taps:
+            # Aligned grid on a GPU: weights per star, cont * sqrt(w) applied in the same kernel.
+            self._interp(rows[:, 1:1 + k], i, w, out=js[:, :k], scale=cs)
+            self._interp(rows[:, :1], i, dw, out=js[:, k:k + 1], scale=cs)
+            if self.n_extra:
+                self._interp(rows[:, 1 + k:], i, w, out=js[:, k + 1:ic], scale=cs)
+        elif i.dim() == 1:
             # Aligned grid: one weight per star and tap; scale afterwards.
             self._interp(rows[:, 1:1 + k], i, w, out=js[:, :k])
             self._interp(rows[:, :1], i, dw, out=js[:, k:k + 1])
@@ -527,7 +552,7 @@ class ApproxCurvature:
         torch.mul(cont, fwd._interp(yw, i, dw)[:, 0], out=e[:, 1])
         if n_c:
             torch.mul(y[:, None, :], fwd.basis_t[None], out=e[:, 2:])
-        z = fwd.interp_t(e * (cont * w)[:, None, :], i, wt)                    # (n, R, n_work)
+        z = fwd.interp_t(e, i, wt, scale=cont * w)                             # (n, R, n_work)
         back = fwd.work.pullback(z.view(n * z.shape[1], -1)).view(n, -1, hdim)  # (n, R, H)
         an = a.permute(1, 0, 2)                                                # (n, H, k)
         x = (an.transpose(1, 2) @ back.transpose(1, 2)).double()              # (n, k, R): J_theta^T W e

@@ -104,6 +104,8 @@ class SpectrumFitter:
                  device: str | torch.device | None = "cpu"):
         self.config = cfg = config or FitConfig()
         self.device = dev = resolve_device(device)
+        if cfg.fused_kernels not in ("auto", True, False):
+            raise DistlabelsError(f"fused_kernels must be auto, true or false, not {cfg.fused_kernels!r}.")
         self.model = model
         self.label_names = tuple(model.label_names)
         self.n_labels = L = model.n_labels
@@ -168,7 +170,8 @@ class SpectrumFitter:
         usable = (seg_of >= 0) & np.isfinite(lam_obs) & ~pixel_mask(lam_obs, self.mask_windows)
         self.usable = torch.as_tensor(usable, device=dev)
         self.fwd = ForwardModel(self.work, g, np.nan_to_num(log10_obs, nan=float(np.nanmin(log10_obs))), basis,
-                                n_theta=K, fit_continuum=self.fit_continuum, broadener=broadener, device=dev, dtype=dt)
+                                n_theta=K, fit_continuum=self.fit_continuum, broadener=broadener, device=dev, dtype=dt,
+                                fused=cfg.fused_kernels)
         mv = model.model_variance.detach().cpu().double().numpy()
         self.work_var = torch.as_tensor(g.projection @ mv, dtype=dt, device=dev)
         self.n_cont = basis.shape[1]
@@ -220,7 +223,7 @@ class SpectrumFitter:
         work_main = base1.with_inputs(lm.matrix[:, self.main], off_main).to(dev).eval()
         self.fwd_main = ForwardModel(work_main, g1, np.nan_to_num(lobs1, nan=float(np.nanmin(log10_obs))), basis1,
                                      n_theta=len(self.main), fit_continuum=self.fit_continuum, broadener=broadener,
-                                     device=dev, dtype=dt)
+                                     device=dev, dtype=dt, fused=cfg.fused_kernels)
         self.sel_main = torch.as_tensor(np.concatenate([self.main, np.arange(K, P)]), device=dev)
 
         # Library of emulator spectra: main labels from the training set, the others at the median.
