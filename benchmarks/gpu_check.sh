@@ -14,7 +14,7 @@
 # Logs and JSON go to $OUT (default benchmarks/gpu_out); copy the figures into benchmarks/RESULTS.md.
 # Knobs: N_STARS, MOCK_N (distinct mocks, repeated up to N_STARS), LAMOST_BATCHES, MODEL_BATCHES, N_MODEL,
 # APPROX (on,off,auto), TAPS (fused,eager,legacy: Doppler taps on the aligned LAMOST grid), BENCH_STARS,
-# BENCH_GRIDS, SKIP_PROFILE (set: no profiler table), STEPS (which of: env profile_lamost tests bench profile_model; default all, in this order).
+# BENCH_GRIDS, REPEATS (timed fits per setting, the fastest counts), SKIP_PROFILE (set: no profiler table), STEPS (which of: env profile_lamost tests bench profile_model; default all, in this order).
 # The best H100 figure so far came from
 #   N_STARS=32768 MOCK_N=4096 LAMOST_BATCHES=8192,32768 APPROX=on
 # The tests import astropy (APOGEE loader) and, for the local-cuda run, dask, distributed and dask-cuda:
@@ -42,7 +42,7 @@ step env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, 
 PROF=${SKIP_PROFILE:+--skip-profile}
 step profile_lamost 240 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids lamost --n "$N" --mock-n "${MOCK_N:-8192}" \
     --batch-sizes "${LAMOST_BATCHES:-4096,8192}" --approx "${APPROX:-on,off}" --taps "${TAPS:-fused,eager,legacy}" \
-    $PROF --json "$OUT/profile_lamost.json"
+    --repeats "${REPEATS:-1}" $PROF --json "$OUT/profile_lamost.json"
 grep -E "^GPU|spectra/s|profiled|aligned grid|not available|compile|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" \
     "$OUT/profile_lamost.log" 2>/dev/null | cut -c1-250 | head -60
 step tests 150 $PY -m pytest -q -p no:cacheprovider -rs tests/fit/test_quality.py::test_cpu_and_cuda_give_the_same_answer \

@@ -255,7 +255,11 @@ def test_cpu_and_cuda_give_the_same_answer(bossbrain_model, mock_snr50):
     """Same spectra on CPU and CUDA, TF32 off, converged tightly (chi2_tol 0.01: with the default 1.0 the
     stopping point may differ by a few tenths of a sigma between two rounding paths through a piecewise-
     linear network). Tolerance: labels within 0.02 sigma at the median and 0.2 sigma for 95 % of the
-    stars, errors within 2 %."""
+    stars; errors within 0.5 % at the median, 2 % for 90 % of the stars and 25 % for every star. A
+    LeakyReLU emulator's minimum often sits on a kink, where J (hence the errors) jumps: on the H100 three
+    of 48 stars ended within 0.01 sigma of the CPU's labels with Teff errors 6-17 % apart, and the CPU's own
+    Fisher matrix 0.001-0.01 sigma from its minimum gives exactly those other values
+    (benchmarks/gpu_agree.py; RESULTS.md)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     table, meta = mock_snr50
@@ -270,7 +274,8 @@ def test_cpu_and_cuda_give_the_same_answer(bossbrain_model, mock_snr50):
     assert same.mean() > 0.8
     d = (np.abs(cpu.labels[same] - gpu.labels[same]) / cpu.errors[same].clip(1e-12))[:, :3]
     assert np.median(d) < 0.02 and np.percentile(d, 95) < 0.2, d
-    np.testing.assert_allclose(gpu.errors[same][:, :3], cpu.errors[same][:, :3], rtol=0.02)
+    ratio = np.abs(gpu.errors[same][:, :3] / cpu.errors[same][:, :3] - 1)
+    assert np.median(ratio) < 0.005 and (ratio.max(1) < 0.02).mean() >= 0.9 and ratio.max() < 0.25, ratio
     np.testing.assert_allclose(gpu.rv[same], cpu.rv[same], atol=0.2 * float(np.median(cpu.rv_err)))
 
 
