@@ -55,8 +55,18 @@ class StartSearch:
         k = max(int(n_templates), 1)
         pick = order[np.linspace(0, len(order) - 1, k).round().astype(int)]
         self.templates = self.lib_depth[torch.as_tensor(pick, device=device)]            # (T, W)
-        self.max_shift = int(np.ceil(0.5 * np.log10((1 + v_max_kms / C_KMS) / (1 - v_max_kms / C_KMS))
-                                     / grid.step_dex))
+        self.max_shift = k = int(np.ceil(0.5 * np.log10((1 + v_max_kms / C_KMS) / (1 - v_max_kms / C_KMS))
+                                         / grid.step_dex))
+        # Every template at every integer shift, side by side: the cross-correlations of a batch with all
+        # of them are then one matrix product (W, T (2k + 1)) instead of a gather and two products per
+        # template and call.
+        W = grid.n_work
+        self.shifts = torch.arange(-k, k + 1, device=device)
+        src = torch.arange(W, device=device)[:, None] - self.shifts[None]                  # (W, 2k+1)
+        inside = (src >= 0) & (src < W)
+        tm = self.templates[:, src.clamp(0, W - 1)] * inside                              # (T, W, 2k+1)
+        self.shifted = tm.permute(1, 0, 2).reshape(W, -1).contiguous()                   # (W, T (2k+1))
+        self.shifted2 = self.shifted * self.shifted
 
     def _bin(self, dn, wn, shift_pix):
         """Normalised data binned onto the grid at rest: (sum w (d - 1), sum w) per grid pixel, (n, W) each.
@@ -71,39 +81,36 @@ class StartSearch:
         i0 = i0.long()
         num = torch.zeros(n, W, dtype=dn.dtype, device=self.device)
         den = torch.zeros(n, W, dtype=dn.dtype, device=self.device)
+        x = wn * (dn - 1)
+        # The grid's margin holds every pixel at |v| <= v_max: the edge checks (a third of the work) are
+        # needed only when a pixel falls off (one host check per call).
+        edge = bool(((i0 < 0) | (i0 + 1 >= W)).any())
         for idx, wt in ((i0, 1 - f), (i0 + 1, f)):
-            inside = (idx >= 0) & (idx < W)
-            ww = torch.where(inside, wn * wt, torch.zeros((), dtype=wn.dtype, device=wn.device))
-            idx = idx.clamp(0, W - 1)
-            num.scatter_add_(1, idx, ww * (dn - 1))
-            den.scatter_add_(1, idx, ww)
+            if edge:
+                wt = torch.where((idx >= 0) & (idx < W), wt, torch.zeros((), dtype=wt.dtype, device=wt.device))
+                idx = idx.clamp(0, W - 1)
+            num.scatter_add_(1, idx, x * wt)
+            den.scatter_add_(1, idx, wn * wt)
         return num, den
 
     def rv(self, dn: torch.Tensor, wn: torch.Tensor):
         """RV (n,) km/s and the chi^2 gain of its cross-correlation peak (n,), from normalised data."""
-        n, W = len(dn), self.grid.n_work
+        n = len(dn)
         num, den = self._bin(dn, wn, torch.zeros(n, dtype=torch.float64, device=self.device))
         k = self.max_shift
-        shifts = torch.arange(-k, k + 1, device=self.device)
-        src = torch.arange(W, device=self.device)[:, None] - shifts[None]                 # (W, 2k+1)
-        inside = (src >= 0) & (src < W)
-        src = src.clamp(0, W - 1)
-        best_val = torch.full((n,), -np.inf, dtype=torch.float64, device=self.device)
-        best_shift = torch.zeros(n, dtype=torch.float64, device=self.device)
-        for t in self.templates:
-            tm = t[src] * inside                                                          # (W, 2k+1)
-            ccf = num @ tm                                                                # (n, 2k+1)
-            norm = (den @ (tm * tm)).clamp_min(1e-20)
-            crit = torch.where(ccf > 0, ccf * ccf / norm, torch.zeros_like(ccf)).double()
-            val, j = crit.max(1)
-            jl, jr = (j - 1).clamp(0, 2 * k), (j + 1).clamp(0, 2 * k)
-            cl, cr = crit.gather(1, jl[:, None])[:, 0], crit.gather(1, jr[:, None])[:, 0]
-            den2 = cl - 2 * val + cr
-            off = torch.where((den2 < 0) & (j > 0) & (j < 2 * k), 0.5 * (cl - cr) / den2, torch.zeros_like(den2))
-            sh = shifts[j].double() + off.clamp(-1, 1)
-            better = val > best_val
-            best_val = torch.where(better, val, best_val)
-            best_shift = torch.where(better, sh, best_shift)
+        n_t = len(self.templates)
+        ccf = (num @ self.shifted).view(n, n_t, 2 * k + 1)                              # (n, T, 2k+1)
+        norm = (den @ self.shifted2).clamp_min(1e-20).view(n, n_t, 2 * k + 1)
+        crit = torch.where(ccf > 0, ccf * ccf / norm, torch.zeros_like(ccf)).double()
+        # The best template (the first of equals) and its peak, refined by a parabola through its neighbours.
+        best_val, j = crit.flatten(1).max(1)
+        c = crit[torch.arange(n, device=self.device), j // (2 * k + 1)]                   # (n, 2k+1)
+        j = j % (2 * k + 1)
+        jl, jr = (j - 1).clamp(0, 2 * k), (j + 1).clamp(0, 2 * k)
+        cl, cr = c.gather(1, jl[:, None])[:, 0], c.gather(1, jr[:, None])[:, 0]
+        den2 = cl - 2 * best_val + cr
+        off = torch.where((den2 < 0) & (j > 0) & (j < 2 * k), 0.5 * (cl - cr) / den2, torch.zeros_like(den2))
+        best_shift = self.shifts[j].double() + off.clamp(-1, 1)
         r = 10.0 ** (2 * best_shift * self.grid.step_dex)
         return C_KMS * (r - 1) / (r + 1), best_val
 
