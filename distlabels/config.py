@@ -55,6 +55,9 @@ class FitConfig:
                                        # auto: on when it pulls back few rows next to a full Jacobian (pre-normalised,
                                        # one continuum segment; SpectrumFitter.use_approx_curvature); true | false
     batch_size: int = 64               # stars per batch in the kernel
+    jacobian_chunk: int = 8192         # full Jacobians for this many stars at a time: their buffers (chunk x
+                                       # (labels + 1) x working pixels x 4 bytes, ~6.5 GB on LAMOST-like grids),
+                                       # not the batch, set a GPU batch's memory; no effect below it (CPU batches)
     fused_kernels: bool | str = "auto"  # Doppler taps on aligned log-uniform grids fused into one kernel by
                                        # torch.compile: auto (on CUDA with Triton) | true | false
     cpu_matmul: str = "auto"           # CPU backend of the network's big products: auto (timed once) | torch | numpy

@@ -92,6 +92,7 @@ class ForwardModel:
         self.aligned = None
         self.native_offset = None
         self.fused = FusedTaps(fused, torch.device(device))
+        self.jacobian_chunk: int | None = None     # stars per full-Jacobian chunk (lm.weighted_normal_equations)
         # Aligned taps as per-star slices (CPU) or batched gathers (GPU; and CPU when fusion is forced).
         self.batched_taps = torch.device(device).type != "cpu" or self.fused.enabled
         if grid.uniform:

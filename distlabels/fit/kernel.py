@@ -225,6 +225,9 @@ class SpectrumFitter:
                                      n_theta=len(self.main), fit_continuum=self.fit_continuum, broadener=broadener,
                                      device=dev, dtype=dt, fused=cfg.fused_kernels)
         self.sel_main = torch.as_tensor(np.concatenate([self.main, np.arange(K, P)]), device=dev)
+        if int(cfg.jacobian_chunk) < 1:
+            raise DistlabelsError(f"jacobian_chunk must be a positive number of stars, not {cfg.jacobian_chunk!r}.")
+        self.fwd.jacobian_chunk = self.fwd_main.jacobian_chunk = int(cfg.jacobian_chunk)
 
         # Library of emulator spectra: main labels from the training set, the others at the median.
         rng = np.random.default_rng(cfg.seed)

@@ -87,8 +87,18 @@ def weighted_normal_equations(fwd, p, sw, d):
     """J^T W J, J^T W r, chi^2 (float64) at parameters p.
 
     sw: (n, n_pix) square roots of the weights. The weighted Jacobian sqrt(W) J is assembled in
-    place (n, P, n_pix) and multiplied by its own transpose.
+    place (n, P, n_pix) and multiplied by its own transpose, ``fwd.jacobian_chunk`` stars at a time
+    (None: all at once): its buffers, not the batch, then set the memory of a GPU batch.
     """
+    n, chunk = len(p), getattr(fwd, "jacobian_chunk", None) or len(p)
+    if n <= chunk:
+        return _weighted_normal_equations(fwd, p, sw, d)
+    parts = [_weighted_normal_equations(fwd, p[i:i + chunk], sw[i:i + chunk], d[i:i + chunk])
+             for i in range(0, n, chunk)]
+    return tuple(torch.cat(x) for x in zip(*parts))
+
+
+def _weighted_normal_equations(fwd, p, sw, d):
     n_par = fwd.n_par
     # The weighted residual rides as one more row of the Jacobian buffer, so a single batched
     # product gives J^T W J and J^T W r (a separate matrix-vector product costs as much again).

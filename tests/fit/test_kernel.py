@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distlabels.config import FitConfig, MockConfig
+from distlabels.errors import DistlabelsError
 from distlabels.fit import Flag, SpectrumFitter, fit_spectra
 from distlabels.fit.working_grid import build_working_grid
 from distlabels.io.store import list_to_numpy
@@ -140,3 +141,20 @@ def test_fast_doppler_taps_equal_float64_path(bossbrain_model):
     np.testing.assert_allclose(dw_fast[1].numpy(), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     # Stage 1 runs on every other pixel of the model's grid, still on its own pixels.
     assert f.stage1_pixels == slice(None, None, 2) and f.fwd_main.native_offset is not None
+
+
+def test_jacobian_chunks_change_nothing(bossbrain_model, mock_snr50):
+    """Full Jacobians taken a few stars at a time (the memory bound of GPU batches) give the fit of the
+    whole batch at once: same flags, labels within 1e-3 sigma, same errors; a bad chunk size is refused."""
+    table, meta = mock_snr50
+    flux, ivar, mask = _arrays(table.slice(0, 12), meta)
+    kw = dict(resolution=meta["resolution"], segments=meta["segments"])
+    whole = fit_spectra(bossbrain_model, meta["wavelength_aa"], flux, ivar, mask=mask,
+                        config=FitConfig(batch_size=12), **kw)
+    chunked = fit_spectra(bossbrain_model, meta["wavelength_aa"], flux, ivar, mask=mask,
+                          config=FitConfig(batch_size=12, jacobian_chunk=5), **kw)
+    np.testing.assert_array_equal(chunked.flags, whole.flags)
+    assert float(np.max(np.abs(chunked.labels - whole.labels)[:, :3] / whole.errors[:, :3])) < 1e-3
+    np.testing.assert_allclose(chunked.errors[:, :3], whole.errors[:, :3], rtol=1e-3)
+    with pytest.raises(DistlabelsError, match="jacobian_chunk"):
+        SpectrumFitter(bossbrain_model, meta["wavelength_aa"], config=FitConfig(jacobian_chunk=0), **kw)
