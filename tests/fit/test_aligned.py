@@ -129,3 +129,18 @@ def test_fused_kernels_on_cuda_match_unfused():
     torch.testing.assert_close(fused.spread(u, base, w, m, rows.shape[2], scale),
                                spread_aligned(u, base, w, m, rows.shape[2], scale), rtol=1e-4, atol=1e-4)
     assert fused.enabled, fused.reason
+
+
+def test_per_star_cubic_weights_equal_the_elementwise_ones():
+    """The polynomial-matrix form of the Keys weights (one fraction per star) equals cubic_weights."""
+    from distlabels.fit.forward import cubic_weights, cubic_weights_per_star
+
+    f = torch.linspace(0, 1, 11, dtype=torch.float64)
+    scale = torch.linspace(-2, 3, 11, dtype=torch.float64)
+    w, dw = cubic_weights(f)
+    w2, dw2 = cubic_weights_per_star(f, scale)
+    for a, b in zip(w, w2):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    for a, b in zip(dw, dw2):
+        torch.testing.assert_close(b, a * scale, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sum(w2), torch.ones_like(f))             # a partition of unity
