@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the fit kernel in one go, on a machine with a CUDA GPU and torch with CUDA
-# (~5 minutes on one H100; every step has its own time limit and the next one runs whatever happens):
+# (~6-8 minutes on one H100; every step has its own time limit and the next one runs whatever happens):
 #   MODEL_DIR=DIR bash benchmarks/gpu_check.sh
 # MODEL_DIR: an imported bossbrain 4000-5000 K emulator (`distlabels models import ...`); the tests read
 # it through DISTLABELS_TEST_BOSSBRAIN_DIR, so the bossbrain package is not needed on the GPU machine.
@@ -15,8 +15,9 @@
 # Knobs: N_STARS, MOCK_N (distinct mocks, repeated up to N_STARS), LAMOST_BATCHES, MODEL_BATCHES, N_MODEL,
 # APPROX (on,off,auto), TAPS (fused,eager,legacy: Doppler taps on the aligned LAMOST grid), BENCH_STARS,
 # BENCH_GRIDS, REPEATS (timed fits per setting, the fastest counts), SKIP_PROFILE (set: no profiler table), STEPS (which of: env profile_lamost tests bench profile_model; default all, in this order).
-# The best H100 figure so far came from
-#   N_STARS=32768 MOCK_N=4096 LAMOST_BATCHES=8192,32768 APPROX=on
+# The best H100 figure so far (19,111 spectra/s, fused taps, one batch of 49,152) came from
+#   N_STARS=49152 MOCK_N=4096 LAMOST_BATCHES=32768,49152 APPROX=auto TAPS=fused,eager,legacy REPEATS=2 \
+#   SKIP_PROFILE=1 STEPS=profile_lamost
 # The tests import astropy (APOGEE loader) and, for the local-cuda run, dask, distributed and dask-cuda:
 # on a bare GPU image install them first (the wheels used on the H100: benchmarks/RESULTS.md, "On a GPU").
 set -u
