@@ -69,6 +69,7 @@ def _fusion_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+# One function (one code object, so its own compile cache and recompile budget) per kind of call.
 def _values(rows, base, weights, m: int, n_pix: int):
     return interp_aligned(rows, base, weights, m, n_pix)
 
@@ -111,7 +112,8 @@ class FusedTaps:
                 raise
             except Exception as e:  # noqa: BLE001 - any compiler failure: the plain function is exact too
                 self.enabled = False
-                self.reason = f"torch.compile failed ({e.__class__.__name__}: {str(e).splitlines()[0][:160]})"
+                first = (str(e).splitlines() or [""])[0][:160]
+                self.reason = f"torch.compile failed ({e.__class__.__name__}: {first})"
                 warnings.warn(f"fit kernel: {self.reason}; interpolating with unfused kernels", RuntimeWarning,
                               stacklevel=3)
         return plain(*args)
