@@ -14,6 +14,8 @@ import argparse
 import numpy as np
 import torch
 
+from gpu_profile import set_taps   # benchmarks/ is on the path when this script runs
+
 from distlabels.config import FitConfig, MockConfig
 from distlabels.fit import SpectrumFitter
 from distlabels.io.store import list_to_numpy
@@ -39,10 +41,10 @@ def main():
     cpu = SpectrumFitter(model, meta["wavelength_aa"], device="cpu", **kw).fit(flux, ivar, mask)
     for taps in ("fused", "eager", "legacy"):
         f = SpectrumFitter(model.to("cuda"), meta["wavelength_aa"], device="cuda", **kw)
-        for fw in (f.fwd, f.fwd_main):
-            fw.fused.enabled = fw.fused.enabled and taps == "fused"
-            if taps == "legacy":
-                fw.aligned = None
+        if not set_taps(f, taps, {}):
+            print(f"{taps:6s}: not available here ({f.fwd.fused.reason})", flush=True)
+            model.to("cpu")
+            continue
         r = f.fit(flux, ivar, mask)
         model.to("cpu")
         same = (cpu.flags == r.flags) & ((cpu.labels_at_bound & 0b111) == 0)

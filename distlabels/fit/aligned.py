@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from ..errors import DistlabelsError
+
 
 def interp_aligned(rows: torch.Tensor, base: torch.Tensor, weights: torch.Tensor, m: int, n_pix: int,
                    scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,7 +98,7 @@ class FusedTaps:
 
     def __init__(self, mode: bool | str, device: torch.device):
         if mode not in ("auto", True, False):
-            raise ValueError(f"fused_kernels must be auto, true or false, not {mode!r}")
+            raise DistlabelsError(f"fused_kernels must be auto, true or false, not {mode!r}.")
         ok, why = _fusion_available(torch.device(device))
         self.enabled = bool(mode is True or (mode == "auto" and ok))
         self.reason = "" if self.enabled else (why if mode == "auto" else "fused_kernels is false")

@@ -104,8 +104,6 @@ class SpectrumFitter:
                  device: str | torch.device | None = "cpu"):
         self.config = cfg = config or FitConfig()
         self.device = dev = resolve_device(device)
-        if cfg.fused_kernels not in ("auto", True, False):
-            raise DistlabelsError(f"fused_kernels must be auto, true or false, not {cfg.fused_kernels!r}.")
         self.model = model
         self.label_names = tuple(model.label_names)
         self.n_labels = L = model.n_labels

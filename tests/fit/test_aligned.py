@@ -10,6 +10,8 @@ from distlabels.config import FitConfig, MockConfig
 from distlabels.errors import DistlabelsError
 from distlabels.fit import SpectrumFitter
 from distlabels.fit.aligned import FusedTaps, interp_aligned, spread_aligned
+from distlabels.fit.forward import cubic_weights, cubic_weights_per_star
+from distlabels.io.store import list_to_numpy
 from distlabels.mock import make_mock
 
 
@@ -89,8 +91,6 @@ def test_batched_taps_equal_per_star_slices(lamost_fitter_pair):
 def test_batched_taps_fit_like_per_star_slices(lamost_fitter_pair):
     """Whole fits through either path agree to a small fraction of the errors (same flags)."""
     slices, batched, table, meta = lamost_fitter_pair
-    from distlabels.io.store import list_to_numpy
-
     n_pix = len(meta["wavelength_aa"])
     flux, ivar = list_to_numpy(table["flux"], n_pix), list_to_numpy(table["ivar"], n_pix)
     a = slices.fit(flux, ivar)
@@ -133,8 +133,6 @@ def test_fused_kernels_on_cuda_match_unfused():
 
 def test_per_star_cubic_weights_equal_the_elementwise_ones():
     """The polynomial-matrix form of the Keys weights (one fraction per star) equals cubic_weights."""
-    from distlabels.fit.forward import cubic_weights, cubic_weights_per_star
-
     f = torch.linspace(0, 1, 11, dtype=torch.float64)
     scale = torch.linspace(-2, 3, 11, dtype=torch.float64)
     w, dw = cubic_weights(f)

@@ -7,9 +7,11 @@ minimum with the exact errors.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from distlabels.config import FitConfig, MockConfig
+from distlabels.errors import DistlabelsError
 from distlabels.fit import SpectrumFitter
 from distlabels.fit.forward import ApproxCurvature
 from distlabels.fit.lm import weighted_normal_equations
@@ -86,10 +88,6 @@ def test_auto_uses_the_approximation_only_without_a_fitted_continuum(bossbrain_m
     exact one with the LAMOST-like grid's two continuum segments (10 pulled-back rows against a
     23-row Jacobian): the same numbers as forcing that path, other numbers than forcing the other
     one; a bad value is refused."""
-    import pytest
-
-    from distlabels.errors import DistlabelsError
-
     table, meta = make_mock(bossbrain_model, MockConfig(n=4, snr_min=50, snr_max=50, seed=5, grid="lamost",
                                                         rv_max_kms=30.0))
     n_pix = len(meta["wavelength_aa"])
