@@ -37,6 +37,8 @@ is tested against).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -47,6 +49,7 @@ from ..models.continuum import fractional_index, rough_continuum
 from ..models.resample import interpolate, taps
 from .flags import Flag
 from .kernel import FitResult
+from .lm import pinv_hermitian
 from .registry import check_fit_options, register_fitter, resolve_device
 
 DEAD_S2 = 1.0e3   # model pixels with s2 above this are unconstrained by training: ignored
@@ -490,16 +493,7 @@ class CannonFitter:
                     parts.append(got[1:])
             if not rows:
                 continue
-            try:
-                self._fit_block(np.concatenate(rows), parts, res)
-            except (RuntimeError, torch.linalg.LinAlgError):
-                for r_idx, (d, w, n_live) in zip(rows, parts):       # one bad star must not sink the block
-                    for k, i in enumerate(r_idx):
-                        try:
-                            self._fit_block(np.array([i]), [(d[k:k + 1], w[k:k + 1],
-                                                             None if n_live is None else n_live[k:k + 1])], res)
-                        except (RuntimeError, torch.linalg.LinAlgError):
-                            res.flags[i] |= Flag.FIT_ERROR
+            self._fit_or_split(np.concatenate(rows), parts, res)
         res.flags[np.isfinite(res.snr) & (res.snr < self.config.low_snr)] |= Flag.LOW_SNR
         return res
 
@@ -595,6 +589,29 @@ class CannonFitter:
             out.append(u @ self.theta_r)
         return torch.stack(out, 2)
 
+    def _fit_or_split(self, idx, parts, res: FitResult, top: bool = True) -> None:
+        """:meth:`_fit_block`, and where it raises, the block's two halves in turn, down to single stars,
+        which are flagged FIT_ERROR (as :meth:`SpectrumFitter._fit_or_split`)."""
+        try:
+            self._fit_block(idx, parts, res)
+            return
+        except (RuntimeError, torch.linalg.LinAlgError) as e:
+            err = f"{e.__class__.__name__}: {str(e)[:200]}"
+        if len(idx) == 1:
+            res.flags[idx] |= Flag.FIT_ERROR
+            for out in (res.labels, res.errors, res.rv, res.rv_err, res.chi2_red):
+                out[idx] = np.nan
+            return
+        if top:
+            warnings.warn(f"Cannon fit: a block of {len(idx)} stars failed ({err}); fitting it in halves "
+                          "(a star that fails alone is flagged FIT_ERROR)", RuntimeWarning, stacklevel=3)
+        d = torch.cat([q[0] for q in parts])
+        w = torch.cat([q[1] for q in parts])
+        live = None if parts[0][2] is None else np.concatenate([q[2] for q in parts])
+        h = len(idx) // 2
+        for sl in (slice(0, h), slice(h, None)):
+            self._fit_or_split(idx[sl], [(d[sl], w[sl], None if live is None else live[sl])], res, top=False)
+
     def _fit_block(self, idx, parts, res: FitResult):
         """Prepare every chunk, then solve all stars ``idx`` (rows of res) together."""
         preps = [self._prepare(d, w, n_live) for d, w, n_live in parts]
@@ -640,7 +657,7 @@ class CannonFitter:
             free = torch.cat([self.free, torch.zeros(1, dtype=torch.bool, device=dev)])
         keep = free.double()
         Ff = Fm * keep[None, :, None] * keep[None, None, :] + torch.diag_embed((~free).double()[None].expand(n, -1))
-        cov = torch.linalg.pinv(Ff, hermitian=True) * keep[None, :, None] * keep[None, None, :]
+        cov = pinv_hermitian(Ff) * keep[None, :, None] * keep[None, None, :]
         if "Q" in p:
             # The normalisation's noise, dr = fn B dc / cont, through the estimator: cov E cov with
             # E = dv^T Q Cov(c) Q^T dv on the label block.

@@ -34,7 +34,7 @@ from .broadening import Broadener, vsini_resolution_limit_kms
 from .flags import Flag
 from .forward import ApproxCurvature, ForwardModel
 from .labels import build_label_map
-from .lm import levenberg_marquardt, normal_equations
+from .lm import levenberg_marquardt, normal_equations, pinv_hermitian
 from .masks import mask_windows, pixel_mask
 from .start import StartSearch
 from .working_grid import FWHM_PER_SIGMA, build_native_grid, build_working_grid, chebyshev_basis
@@ -400,20 +400,34 @@ class SpectrumFitter:
                 if not keep.all():
                     sel = torch.as_tensor(np.flatnonzero(keep), device=self.device)
                     d, w = d[sel], w[sel]
-                idx = rows[keep]
-                try:
-                    self._fit_batch(idx, d, w, res)
-                except (RuntimeError, torch.linalg.LinAlgError) as e:
-                    # One bad batch must not sink the others: refit its stars one by one.
-                    warnings.warn(f"fit kernel: a batch of {len(idx)} stars failed ({e.__class__.__name__}: "
-                                  f"{str(e)[:200]}); refitting them one by one", RuntimeWarning, stacklevel=2)
-                    for j, i in enumerate(idx):
-                        try:
-                            self._fit_batch(np.array([i]), d[j:j + 1], w[j:j + 1], res)
-                        except (RuntimeError, torch.linalg.LinAlgError):
-                            res.flags[i] |= Flag.FIT_ERROR
+                self._fit_or_split(rows[keep], d, w, res)
         res.flags[np.isfinite(res.snr) & (res.snr < cfg.low_snr)] |= Flag.LOW_SNR
         return res
+
+    def _fit_or_split(self, idx, d, w, res: FitResult, top: bool = True) -> None:
+        """:meth:`_fit_batch`, and where it raises, the batch's two halves in turn, down to single stars,
+        which are then flagged FIT_ERROR with NaN labels. A failure that comes with a batch's size (GPU
+        memory, a solver's limit on batched matrices) costs one failed try; a star that breaks every
+        batch it is in costs ~2 log2(n) tries (one by one would cost n: hours for a GPU batch)."""
+        try:
+            self._fit_batch(idx, d, w, res)
+            return
+        except (RuntimeError, torch.linalg.LinAlgError) as e:
+            err = f"{e.__class__.__name__}: {str(e)[:200]}"
+        # Out of the except block, so the failed try's traceback and device tensors are freed first.
+        if len(idx) == 1:
+            res.flags[idx] |= Flag.FIT_ERROR
+            for out in (res.labels, res.errors, res.rv, res.rv_err, res.chi2_red):
+                out[idx] = np.nan
+            return
+        if top:
+            warnings.warn(f"fit kernel: a batch of {len(idx)} stars failed ({err}); fitting it in halves "
+                          "(a star that fails alone is flagged FIT_ERROR)", RuntimeWarning, stacklevel=3)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        h = len(idx) // 2
+        self._fit_or_split(idx[:h], d[:h], w[:h], res, top=False)
+        self._fit_or_split(idx[h:], d[h:], w[h:], res, top=False)
 
     def _screen(self, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None):
         """One batch onto the device: data and weights (m, n_pix) in the network's precision with
@@ -687,7 +701,7 @@ class SpectrumFitter:
         n = len(A)
         keep = self.free.double()
         Af = A * keep[None, :, None] * keep[None, None, :] + torch.diag_embed((1 - keep)[None].expand(n, -1))
-        cov = torch.linalg.pinv(Af, hermitian=True) * keep[None, :, None] * keep[None, None, :]
+        cov = pinv_hermitian(Af) * keep[None, :, None] * keep[None, None, :]
         # Labels: x = offset + T theta; physical = (x + 0.5) span + x_min.
         span = torch.as_tensor(self.model.label_span, dtype=torch.float64, device=self.device)
         T = torch.as_tensor(self.lmap.matrix, dtype=torch.float64, device=self.device)      # (L, K)

@@ -95,6 +95,32 @@ def test_bad_input_is_flagged_and_the_rest_fitted():
     assert np.all(np.abs(res.labels[3:] - lab[3:]) < 5 * res.errors[3:])
 
 
+def test_failing_block_is_fitted_in_halves():
+    """A block that raises is fitted in halves down to single stars: the star that breaks every block it is in
+    ends flagged FIT_ERROR with NaN labels, the others get the labels of the unbroken fit."""
+    model, wave = _truth_model(normalised=False)
+    _, _, flux, ivar = _observe(8, 5, 40, 60, continuum=True)
+    whole = CannonFitter(model, wave).fit(flux, ivar)
+    fitter = CannonFitter(model, wave)
+    real, sizes = fitter._fit_block, []
+
+    def fragile(idx, parts, res):                       # star 6 breaks any block it is in
+        sizes.append(len(idx))
+        if 6 in idx:
+            raise torch.linalg.LinAlgError("injected")
+        real(idx, parts, res)
+
+    fitter._fit_block = fragile
+    with pytest.warns(RuntimeWarning, match="block of 8 stars failed .*injected"):
+        res = fitter.fit(flux, ivar)
+    assert sizes == [8, 4, 4, 2, 2, 1, 1]
+    assert res.flags[6] & Flag.FIT_ERROR and np.isnan(res.labels[6]).all()
+    ok = np.arange(8) != 6
+    assert not np.any(res.flags[ok] & Flag.FIT_ERROR)
+    np.testing.assert_allclose(res.labels[ok], whole.labels[ok], atol=1e-3 * np.nanmin(whole.errors))
+    np.testing.assert_allclose(res.rv[ok], whole.rv[ok], atol=1e-3 * np.nanmin(whole.rv_err))
+
+
 def test_cannon_fits_held_out_stars_through_distlabels_fit(cannon_model_dir, cannon_mock_stores, tmp_path):
     """Trained on one mock survey (bossbrain spectra, RV, continuum, noise), the Cannon model fits
     another through the ordinary pipeline on a LocalCluster: every star once, labels near the truth."""

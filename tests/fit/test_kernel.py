@@ -158,3 +158,48 @@ def test_jacobian_chunks_change_nothing(bossbrain_model, mock_snr50):
     np.testing.assert_allclose(chunked.errors[:, :3], whole.errors[:, :3], rtol=1e-3)
     with pytest.raises(DistlabelsError, match="jacobian_chunk"):
         SpectrumFitter(bossbrain_model, meta["wavelength_aa"], config=FitConfig(jacobian_chunk=0), **kw)
+
+
+def test_pinv_in_batches_equals_numpy():
+    """Pseudo-inverses taken a few matrices per call (cuSOLVER's batched eigensolver failed on 65,536 at
+    once) equal numpy's, for full-rank and rank-deficient symmetric matrices alike."""
+    from distlabels.fit.lm import pinv_hermitian
+
+    rng = np.random.default_rng(4)
+    b = rng.normal(size=(10, 6, 4))
+    A = b @ b.transpose(0, 2, 1)                        # rank 4 of 6
+    A[::2] += 3 * np.eye(6)                             # every other one full rank
+    got = pinv_hermitian(torch.as_tensor(A), batch=3).numpy()
+    np.testing.assert_allclose(got, np.linalg.pinv(A, hermitian=True), rtol=1e-8, atol=1e-10)
+
+
+def test_failing_batches_are_fitted_in_halves(bossbrain_model, mock_snr50):
+    """A batch that raises is fitted in halves, recursively: a failure that comes with the batch's size
+    costs one try per level; a star that breaks every batch it is in ends alone, flagged FIT_ERROR with NaN
+    labels; every other star gets the fit it gets in one batch (the approximate curvature is shared by a
+    batch, so paths differ: labels within 0.01 sigma)."""
+    table, meta = mock_snr50
+    flux, ivar, mask = _arrays(table.slice(0, 12), meta)
+    kw = dict(resolution=meta["resolution"], segments=meta["segments"])
+    whole = fit_spectra(bossbrain_model, meta["wavelength_aa"], flux, ivar, mask=mask,
+                        config=FitConfig(batch_size=12), **kw)
+    fitter = SpectrumFitter(bossbrain_model, meta["wavelength_aa"], config=FitConfig(batch_size=12), **kw)
+    real, sizes = fitter._fit_batch, []
+
+    def fragile(idx, d, w, res):                        # a solver that takes at most 3 stars, and star 5 breaks it
+        sizes.append(len(idx))
+        if len(idx) > 3 or 5 in idx:
+            raise RuntimeError("injected: batched solver failed")
+        real(idx, d, w, res)
+
+    fitter._fit_batch = fragile
+    with pytest.warns(RuntimeWarning, match="batch of 12 stars failed .*injected.*halves"):
+        res = fitter.fit(flux, ivar, mask)
+    assert sizes == [12, 6, 3, 3, 1, 2, 1, 1, 6, 3, 3]   # halves of halves, not 12 single-star tries
+    assert res.flags[5] & Flag.FIT_ERROR and np.isnan(res.labels[5]).all() and np.isnan(res.errors[5]).all()
+    ok = np.arange(12) != 5
+    assert not np.any(res.flags[ok] & Flag.FIT_ERROR)
+    np.testing.assert_array_equal(res.flags[ok], whole.flags[ok])
+    dev = np.abs(res.labels - whole.labels)[ok, :3] / whole.errors[ok, :3]
+    assert float(dev.max()) < 0.01, dev.max()
+    np.testing.assert_allclose(res.errors[ok, :3], whole.errors[ok, :3], rtol=0.005)
