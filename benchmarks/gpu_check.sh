@@ -14,10 +14,12 @@
 # Logs and JSON go to $OUT (default benchmarks/gpu_out); copy the figures into benchmarks/RESULTS.md.
 # Knobs: N_STARS, MOCK_N (distinct mocks, repeated up to N_STARS), LAMOST_BATCHES, MODEL_BATCHES, N_MODEL,
 # APPROX (on,off,auto), TAPS (fused,eager,legacy: Doppler taps on the aligned LAMOST grid), BENCH_STARS,
-# BENCH_GRIDS, REPEATS (timed fits per setting, the fastest counts), SKIP_PROFILE (set: no profiler table), STEPS (which of: env profile_lamost tests bench profile_model; default all, in this order).
-# The best H100 figure so far (19,111 spectra/s, fused taps, one batch of 49,152) came from
-#   N_STARS=49152 MOCK_N=4096 LAMOST_BATCHES=32768,49152 APPROX=auto TAPS=fused,eager,legacy REPEATS=2 \
-#   SKIP_PROFILE=1 STEPS=profile_lamost
+# BENCH_GRIDS, REPEATS (timed fits per setting, the fastest counts), SKIP_PROFILE (set: no profiler table),
+# PROFILE_LIMIT (seconds for the profile_lamost step, default 240: every batch size fits all N_STARS
+# REPEATS times), STEPS (which of: env profile_lamost tests bench profile_model; default all, in this order).
+# The best H100 figure so far (20,147 spectra/s, fused taps, batches of 49,152, 46.0 GiB) came from
+#   N_STARS=131072 MOCK_N=4096 LAMOST_BATCHES=49152 APPROX=auto TAPS=fused REPEATS=2 SKIP_PROFILE=1 \
+#   STEPS="profile_lamost tests"
 # The tests import astropy (APOGEE loader) and, for the local-cuda run, dask, distributed and dask-cuda:
 # on a bare GPU image install them first (the wheels used on the H100: benchmarks/RESULTS.md, "On a GPU").
 set -u
@@ -41,7 +43,7 @@ step() {
 step env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'; \
     $PY -c 'import triton; print(\"triton\", triton.__version__)'; command -v cc gcc clang"
 PROF=${SKIP_PROFILE:+--skip-profile}
-step profile_lamost 240 $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids lamost --n "$N" --mock-n "${MOCK_N:-8192}" \
+step profile_lamost "${PROFILE_LIMIT:-240}" $PY benchmarks/gpu_profile.py --model-dir "$MODEL" --grids lamost --n "$N" --mock-n "${MOCK_N:-8192}" \
     --batch-sizes "${LAMOST_BATCHES:-4096,8192}" --approx "${APPROX:-on,off}" --taps "${TAPS:-fused,eager,legacy}" \
     --repeats "${REPEATS:-1}" $PROF --json "$OUT/profile_lamost.json"
 grep -E "^GPU|spectra/s|profiled|aligned grid|not available|compile|^\[.*waits|^    [a-z].*py:[0-9]+: [0-9]+" \
