@@ -143,6 +143,37 @@ def test_fast_doppler_taps_equal_float64_path(bossbrain_model):
     assert f.stage1_pixels == slice(None, None, 2) and f.fwd_main.native_offset is not None
 
 
+@pytest.mark.parametrize("n_rows", [1, 2, 23])
+def test_native_grid_interpolation_and_its_transpose(bossbrain_model, n_rows):
+    """On the model's own pixels the CPU interpolates few rows (a model, a gradient) with gather/scatter and
+    many (a Jacobian) run by run: both give linear interpolation at the Doppler-shifted positions that
+    numpy finds on the float64 log-wavelength grid, and the transpose is the adjoint (<Ax, u> = <x, A^T u>)."""
+    from distlabels.fit.forward import RUNS_MIN_ROWS
+
+    _, meta = make_mock(bossbrain_model, MockConfig(n=2, snr_min=50, snr_max=50, seed=3, grid="model", normalized=True))
+    f = SpectrumFitter(bossbrain_model, meta["wavelength_aa"], wavelength_medium=meta["wavelength_medium"],
+                       resolution=meta["resolution"], config=FitConfig(continuum_degree=-1, masks="none"))
+    fw = f.fwd
+    assert fw.native_offset is not None and (n_rows >= RUNS_MIN_ROWS) == (n_rows == 23)
+    v = torch.tensor([-4.6, -0.3, 0.0, 2.2, 4.9], dtype=torch.float64)
+    rng = np.random.default_rng(n_rows)
+    rows = torch.as_tensor(rng.normal(size=(len(v), n_rows, fw.n_work)), dtype=torch.float32)
+    i, w, _ = fw.taps_at(v)
+    got = fw._interp(rows, i, w).numpy()
+    native = fw.native.numpy()
+    for s_, vs in enumerate(v.numpy()):
+        b = vs / 299792.458
+        pos = np.interp(fw.log10_obs.numpy() - 0.5 * np.log10((1 + b) / (1 - b)), native, np.arange(len(native)))
+        inside = (pos > 1) & (pos < len(native) - 2)
+        for r in range(n_rows):
+            want = np.interp(pos, np.arange(len(native)), rows[s_, r].numpy())
+            np.testing.assert_allclose(got[s_, r, inside], want[inside], atol=2e-4)
+    u = torch.as_tensor(rng.normal(size=got.shape), dtype=torch.float32)
+    back = fw.interp_t(u, i, w)
+    lhs, rhs = float((torch.as_tensor(got) * u).double().sum()), float((rows * back).double().sum())
+    assert lhs == pytest.approx(rhs, rel=1e-5)
+
+
 def test_jacobian_chunks_change_nothing(bossbrain_model, mock_snr50):
     """Full Jacobians taken a few stars at a time (the memory bound of GPU batches) give the fit of the
     whole batch at once: same flags, labels within 1e-3 sigma, same errors; a bad chunk size is refused."""
