@@ -19,6 +19,23 @@ def test_bytes_per_star_by_hand():
     assert bytes_per_star(s) == int(OVERHEAD_FACTOR * (network + working + observed + normal))
 
 
+# Peak GPU memory (torch.cuda.max_memory_allocated, GiB) of whole fits of the bossbrain 22-label model
+# measured on an H100 (benchmarks/RESULTS.md, "On a GPU"): (observed pixels, continuum coefficients,
+# working-grid oversampling, stars per batch, GiB). The model grid is its own working grid (oversample 1).
+H100_PEAKS = [(3909, 0, 2, 8192, 9.6), (3909, 0, 2, 32768, 35.8), (3909, 0, 2, 49152, 53.7),
+              (3909, 8, 2, 8192, 14.4), (3909, 8, 2, 32768, 50.0), (14001, 0, 1, 16384, 65.0),
+              (14001, 3, 1, 16384, 64.9)]
+
+
+@pytest.mark.parametrize("n_pix,n_cont,oversample,n_star,peak_gib", H100_PEAKS)
+def test_estimate_covers_measured_gpu_peaks(n_pix, n_cont, oversample, n_star, peak_gib):
+    """The estimate stays above every peak measured on a GPU (a batch sized by it does not run out of
+    memory), and not wastefully so (within 1.8x)."""
+    shape = BatchShape(n_pix=n_pix, n_labels=22, n_cont=n_cont, hidden=(300, 300), oversample=oversample)
+    measured = peak_gib * (1 << 30) / n_star
+    assert 1.0 < bytes_per_star(shape) / measured < 1.8
+
+
 def test_batch_size_for_memory_arithmetic():
     gib = 1 << 30
     # 80 GiB free, half of it, 1 MiB per star: 40,960 stars.
