@@ -27,7 +27,8 @@ bit    name                  meaning
 128    BROADENING_AT_BOUND   a fitted broadening (vsini, extra LSF width) ended at its upper bound.
 256    FEW_PIXELS            fewer usable pixels than ``min_good_pixels``: not fitted.
 512    BAD_INPUT             flux/ivar unusable (all NaN, ivar <= 0 everywhere, wrong length): not fitted.
-1024   FIT_ERROR             the kernel failed on this star (numerical error): not fitted.
+1024   FIT_ERROR             the kernel failed on this star even when fitted alone (a failing batch is fitted again
+                             in halves, down to single stars): not fitted, labels NaN.
 =====  ====================  ===================================================================================
 """
 from __future__ import annotations
