@@ -598,9 +598,7 @@ class CannonFitter:
         except (RuntimeError, torch.linalg.LinAlgError) as e:
             err = f"{e.__class__.__name__}: {str(e)[:200]}"
         if len(idx) == 1:
-            res.flags[idx] |= Flag.FIT_ERROR
-            for out in (res.labels, res.errors, res.rv, res.rv_err, res.chi2_red):
-                out[idx] = np.nan
+            res.mark_failed(idx)
             return
         if top:
             warnings.warn(f"Cannon fit: a block of {len(idx)} stars failed ({err}); fitting it in halves "

@@ -74,6 +74,12 @@ class FitResult:
     def __len__(self) -> int:
         return len(self.rv)
 
+    def mark_failed(self, idx) -> None:
+        """Rows ``idx`` could not be fitted: FIT_ERROR, and no labels, errors or RV from a failed try."""
+        self.flags[idx] |= Flag.FIT_ERROR
+        for out in (self.labels, self.errors, self.rv, self.rv_err, self.chi2_red):
+            out[idx] = np.nan
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
@@ -416,9 +422,7 @@ class SpectrumFitter:
             err = f"{e.__class__.__name__}: {str(e)[:200]}"
         # Out of the except block, so the failed try's traceback and device tensors are freed first.
         if len(idx) == 1:
-            res.flags[idx] |= Flag.FIT_ERROR
-            for out in (res.labels, res.errors, res.rv, res.rv_err, res.chi2_red):
-                out[idx] = np.nan
+            res.mark_failed(idx)
             return
         if top:
             warnings.warn(f"fit kernel: a batch of {len(idx)} stars failed ({err}); fitting it in halves "
