@@ -37,8 +37,6 @@ is tested against).
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
@@ -48,7 +46,7 @@ from ..models.cannon import CannonModel, label_vector, label_vector_jacobian
 from ..models.continuum import fractional_index, rough_continuum
 from ..models.resample import interpolate, taps
 from .flags import Flag
-from .kernel import FitResult
+from .kernel import FitResult, fit_in_halves
 from .lm import pinv_hermitian
 from .registry import check_fit_options, register_fitter, resolve_device
 
@@ -493,7 +491,8 @@ class CannonFitter:
                     parts.append(got[1:])
             if not rows:
                 continue
-            self._fit_or_split(np.concatenate(rows), parts, res)
+            fit_in_halves(lambda i_, p_: self._fit_block(i_, p_, res), self._take, np.concatenate(rows), parts, res,
+                          what="Cannon fit: a block", device=self.device)
         res.flags[np.isfinite(res.snr) & (res.snr < self.config.low_snr)] |= Flag.LOW_SNR
         return res
 
@@ -589,26 +588,12 @@ class CannonFitter:
             out.append(u @ self.theta_r)
         return torch.stack(out, 2)
 
-    def _fit_or_split(self, idx, parts, res: FitResult, top: bool = True) -> None:
-        """:meth:`_fit_block`, and where it raises, the block's two halves in turn, down to single stars,
-        which are flagged FIT_ERROR (as :meth:`SpectrumFitter._fit_or_split`)."""
-        try:
-            self._fit_block(idx, parts, res)
-            return
-        except (RuntimeError, torch.linalg.LinAlgError) as e:
-            err = f"{e.__class__.__name__}: {str(e)[:200]}"
-        if len(idx) == 1:
-            res.mark_failed(idx)
-            return
-        if top:
-            warnings.warn(f"Cannon fit: a block of {len(idx)} stars failed ({err}); fitting it in halves "
-                          "(a star that fails alone is flagged FIT_ERROR)", RuntimeWarning, stacklevel=3)
-        d = torch.cat([q[0] for q in parts])
-        w = torch.cat([q[1] for q in parts])
+    @staticmethod
+    def _take(parts, sl: slice):
+        """Stars ``sl`` of a block's prepared chunks [(d, w, n_live)], as one chunk."""
+        d, w = torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])
         live = None if parts[0][2] is None else np.concatenate([q[2] for q in parts])
-        h = len(idx) // 2
-        for sl in (slice(0, h), slice(h, None)):
-            self._fit_or_split(idx[sl], [(d[sl], w[sl], None if live is None else live[sl])], res, top=False)
+        return [(d[sl], w[sl], None if live is None else live[sl])]
 
     def _fit_block(self, idx, parts, res: FitResult):
         """Prepare every chunk, then solve all stars ``idx`` (rows of res) together."""

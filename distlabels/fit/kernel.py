@@ -81,6 +81,34 @@ class FitResult:
             out[idx] = np.nan
 
 
+def fit_in_halves(fit, take, idx: np.ndarray, data, res: FitResult, *, what: str, device=None,
+                  _top: bool = True) -> None:
+    """``fit(idx, data)`` for stars ``idx`` (rows of ``res``), and where it raises, each half in turn
+    (``take(data, slice)``), down to single stars, which are marked failed (FIT_ERROR, NaN labels).
+
+    A failure that comes with a batch's size (GPU memory, a solver's limit on batched matrices) costs
+    one failed try; a star that breaks every batch it is in costs ~2 log2(n) tries (star by star would
+    cost n: hours for a GPU batch). One warning, naming ``what`` and the first error.
+    """
+    try:
+        fit(idx, data)
+        return
+    except (RuntimeError, torch.linalg.LinAlgError) as e:
+        err = f"{e.__class__.__name__}: {str(e)[:200]}"
+    # Out of the except block, so the failed try's traceback and device tensors are freed first.
+    if len(idx) == 1:
+        res.mark_failed(idx)
+        return
+    if _top:
+        warnings.warn(f"{what} of {len(idx)} stars failed ({err}); fitting it in halves (a star that fails "
+                      "alone is flagged FIT_ERROR)", RuntimeWarning, stacklevel=4)
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    h = len(idx) // 2
+    for sl in (slice(0, h), slice(h, None)):
+        fit_in_halves(fit, take, idx[sl], take(data, sl), res, what=what, device=device, _top=False)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -406,32 +434,10 @@ class SpectrumFitter:
                 if not keep.all():
                     sel = torch.as_tensor(np.flatnonzero(keep), device=self.device)
                     d, w = d[sel], w[sel]
-                self._fit_or_split(rows[keep], d, w, res)
+                fit_in_halves(lambda i_, dw: self._fit_batch(i_, *dw, res), lambda dw, sl: (dw[0][sl], dw[1][sl]),
+                              rows[keep], (d, w), res, what="fit kernel: a batch", device=self.device)
         res.flags[np.isfinite(res.snr) & (res.snr < cfg.low_snr)] |= Flag.LOW_SNR
         return res
-
-    def _fit_or_split(self, idx, d, w, res: FitResult, top: bool = True) -> None:
-        """:meth:`_fit_batch`, and where it raises, the batch's two halves in turn, down to single stars,
-        which are then flagged FIT_ERROR with NaN labels. A failure that comes with a batch's size (GPU
-        memory, a solver's limit on batched matrices) costs one failed try; a star that breaks every
-        batch it is in costs ~2 log2(n) tries (one by one would cost n: hours for a GPU batch)."""
-        try:
-            self._fit_batch(idx, d, w, res)
-            return
-        except (RuntimeError, torch.linalg.LinAlgError) as e:
-            err = f"{e.__class__.__name__}: {str(e)[:200]}"
-        # Out of the except block, so the failed try's traceback and device tensors are freed first.
-        if len(idx) == 1:
-            res.mark_failed(idx)
-            return
-        if top:
-            warnings.warn(f"fit kernel: a batch of {len(idx)} stars failed ({err}); fitting it in halves "
-                          "(a star that fails alone is flagged FIT_ERROR)", RuntimeWarning, stacklevel=3)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        h = len(idx) // 2
-        self._fit_or_split(idx[:h], d[:h], w[:h], res, top=False)
-        self._fit_or_split(idx[h:], d[h:], w[h:], res, top=False)
 
     def _screen(self, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None):
         """One batch onto the device: data and weights (m, n_pix) in the network's precision with
