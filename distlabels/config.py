@@ -214,7 +214,7 @@ class TransformerPayneTrainConfig:
 
 
 CPU_TASK_ROWS = 500       # RunConfig.task_rows defaults
-GPU_TASK_ROWS = 10000
+GPU_TASK_ROWS = 32768
 
 
 @dataclass(frozen=True)
@@ -226,8 +226,12 @@ class RunConfig:
     threads_per_worker: int = 1
     device: str = "auto"               # auto | cpu | cuda
     task_rows: int | None = None       # spectra per task; None: 500 on CPUs (seconds of compute per task),
-                                       # 10,000 with GPU workers (a batch costs ~1 s of host work up to ~8,000
-                                       # stars on an H100: benchmarks/RESULTS.md)
+                                       # 32,768 with GPU workers (an H100 fits ~7,000 spectra/s in batches of
+                                       # 8,192, ~20,000 at 49,152: benchmarks/RESULTS.md)
+    pack_rows: int | None = None       # consecutive partitions (a few thousand rows each with 128 MB store
+                                       # fragments) packed into one task, fitted as one kernel call, of up to
+                                       # this many spectra; each still writes its own catalog fragment.
+                                       # None: task_rows with GPU workers, no packing on CPUs; 0: never
     retries: int = 2                   # Dask retries of a failed task before it goes to _failures.parquet
     overwrite: bool = False
     progress: bool = True

@@ -34,9 +34,11 @@ def register(sub, add) -> None:
     pf.add_argument("--batch-size", type=int, help="stars per kernel batch on CPU (default 64; on a GPU the "
                                                    "batch is sized from the device's free memory)")
     pf.add_argument("--task-rows", type=int, help="spectra per Dask task (default 500 on CPUs: seconds per task; "
-                                                  "10000 with --cluster local-cuda or --device cuda: a GPU needs "
-                                                  "batches of thousands, see benchmarks/RESULTS.md; a task never "
-                                                  "spans two store fragments)")
+                                                  "32768 with --cluster local-cuda or --device cuda: a GPU needs "
+                                                  "batches of tens of thousands, see benchmarks/RESULTS.md)")
+    pf.add_argument("--pack-rows", type=int, help="pack consecutive partitions (row ranges of store fragments) "
+                                                  "into tasks of up to this many spectra, fitted in one kernel call "
+                                                  "(default: --task-rows with GPU workers, off on CPUs; 0: off)")
     pf.add_argument("--retries", type=int, help="retries of a failing task before it is recorded in "
                                                 "_failures.parquet (default 2)")
     pf.add_argument("--gpu-memory-fraction", type=float, help="share of a GPU's free memory a batch may use "
@@ -139,7 +141,8 @@ def run_config(args):
 
     return RunConfig(cluster=opt("cluster", "local", str), workers=opt("workers", None, int),
                      threads_per_worker=opt("threads_per_worker", 1, int), device=opt("device", "auto", str),
-                     task_rows=opt("task_rows", None, int), retries=opt("retries", 2, int),
+                     task_rows=opt("task_rows", None, int), pack_rows=opt("pack_rows", None, int),
+                     retries=opt("retries", 2, int),
                      overwrite=bool(args.overwrite), progress=not args.no_progress, fit=fit_config(args),
                      cuda_visible_devices=opt("cuda_visible_devices", None, str),
                      gpu_memory_fraction=opt("gpu_memory_fraction", 0.5, float),

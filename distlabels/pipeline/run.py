@@ -1,7 +1,8 @@
 """The graph builder of a fit run: map :func:`fit_partition` over store partitions on Dask.
 
 One task per partition (a row range of a store fragment, sized by ``task_rows`` so that a task
-computes for seconds); the model is loaded once per worker by a ``WorkerPlugin``; every finished
+computes for seconds), or on GPUs per pack of consecutive partitions (``pack_rows``: one kernel call
+for several fragments' rows, each partition still its own catalog fragment); the model is loaded once per worker by a ``WorkerPlugin``; every finished
 task writes its own catalog fragment exactly once under a deterministic name (temporary name and
 atomic rename on a file system, one whole-object write plus a completion marker on object
 storage: :mod:`distlabels.io.location`), so a re-run processes only what is missing and a retried
@@ -36,7 +37,7 @@ from ..models.base import load, read_model_dir
 from .cluster import check_gpu_workers, make_client, uses_gpu_workers, wait_for_workers
 from .partition import GridSpec
 from .runlog import close_run_log, event, open_run_log
-from .worker import PLUGIN_NAME, fit_task, fragment_rel, partition_id, plugin_class, plugin_info
+from .worker import PLUGIN_NAME, fit_packed_task, fragment_rel, pack_partitions, partition_id, plugin_class, plugin_info
 
 log = logging.getLogger("distlabels.pipeline")
 
@@ -197,29 +198,55 @@ def _register_model(client, model_dir, cfg: RunConfig) -> dict[str, Any]:
     return infos
 
 
+def pack_rows_for(cfg: RunConfig) -> int:
+    """Rows per packed task: ``cfg.pack_rows``, or by default ``task_rows`` with GPU workers, 0 (no packing) on CPUs."""
+    if cfg.pack_rows is not None:
+        return max(int(cfg.pack_rows), 0)
+    return int(cfg.task_rows) if uses_gpu_workers(cfg) else 0
+
+
 def _execute(client, todo: list[Partition], store: SpectraStore, loc: Location, cfg: RunConfig,
              grid: GridSpec, provenance: dict[str, Any], summary: RunSummary, logger) -> list[dict[str, Any]]:
-    """Submit one task per partition, stream results with as_completed, record failures; return timings."""
+    """Submit one task per partition, or per pack of consecutive partitions (GPU runs), stream results with
+    as_completed, record failures; return timings. A pack that fails after its retries is submitted
+    again one partition per task, so that one bad partition cannot take its pack mates down."""
     import dask
     from distributed import as_completed
 
     resources = {"GPU": 1} if uses_gpu_workers(cfg) else None
     grid_f = client.scatter(grid, broadcast=True)
     token = os.urandom(4).hex()
-    futures = client.map(fit_task, todo, store_root=str(store.root.resolve()), catalog_url=loc.url, config=cfg.fit,
-                         grid=grid_f, provenance=provenance, retries=cfg.retries, resources=resources,
-                         key=[f"fit-{partition_id(p)}-{token}" for p in todo], pure=False)
-    by_key = {f.key: p for f, p in zip(futures, todo)}
+    pack = pack_rows_for(cfg)
+    groups = pack_partitions(todo, pack) if pack else [[p] for p in todo]
+    kw = dict(store_root=str(store.root.resolve()), catalog_url=loc.url, config=cfg.fit, grid=grid_f,
+              provenance=provenance, retries=cfg.retries, resources=resources, pure=False)
+    futures = client.map(fit_packed_task, groups, key=[f"fit-{partition_id(g[0])}-x{len(g)}-{token}" for g in groups],
+                         **kw)
+    by_key = {f.key: g for f, g in zip(futures, groups)}
     killed_attempts = int(dask.config.get("distributed.scheduler.allowed-failures", 3)) + 1
     timings = []
     bar = _progress(sum(p.n_rows for p in todo), cfg.progress)
+    done = as_completed(futures)
     try:
-        for fut in as_completed(futures):
-            part = by_key[fut.key]
+        for fut in done:
+            group = by_key[fut.key]
             if fut.status == "cancelled":             # the scheduler was lost or restarted under us
-                raise DistlabelsError(f"the Dask cluster dropped partition {partition_id(part)} (scheduler lost or "
+                raise DistlabelsError(f"the Dask cluster dropped partition {partition_id(group[0])} (scheduler lost or "
                                       "restarted); finished partitions are kept, re-run the same command to resume.")
+            if fut.status == "error" and len(group) > 1:
+                exc = fut.exception()
+                event(logger, logging.WARNING, "pack_failed", f"a pack of {len(group)} partitions failed; "
+                      "fitting them one per task", partitions=[partition_id(p) for p in group],
+                      error=" ".join(f"{type(exc).__name__}: {exc}".split())[:2000])
+                for part in group:
+                    f = client.submit(fit_packed_task, [part], key=f"fit-{partition_id(part)}-alone-{token}", **kw)
+                    by_key[f.key] = [part]
+                    futures.append(f)
+                    done.add(f)
+                fut.release()
+                continue
             if fut.status == "error":
+                part = group[0]
                 exc = fut.exception()
                 attempts = killed_attempts if type(exc).__name__ == "KilledWorker" else cfg.retries + 1
                 error = " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
@@ -232,15 +259,15 @@ def _execute(client, todo: list[Partition], store: SpectraStore, loc: Location, 
                       fragment=part.fragment, row_start=part.row_start, row_stop=part.row_stop, error=error,
                       attempts=attempts)
             else:
-                res = fut.result()
-                timings.append(res)
-                if res.get("skipped"):
-                    summary.n_skipped += 1
-                else:
-                    summary.n_done += 1
-                    summary.n_rows_fitted += res["n_rows"]
-                event(logger, logging.INFO, "partition_done", f"partition {res['partition']} done", **res)
-            bar.update(part.n_rows)
+                for res in fut.result():
+                    timings.append(res)
+                    if res.get("skipped"):
+                        summary.n_skipped += 1
+                    else:
+                        summary.n_done += 1
+                        summary.n_rows_fitted += res["n_rows"]
+                    event(logger, logging.INFO, "partition_done", f"partition {res['partition']} done", **res)
+            bar.update(sum(p.n_rows for p in group))
             fut.release()
     finally:
         bar.close()
@@ -279,4 +306,4 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="spec", desc="fit", disable=not enabled, smoothing=0.1)
 
 
-__all__ = ["RunSummary", "prepare_catalog", "run_fit"]
+__all__ = ["RunSummary", "pack_rows_for", "prepare_catalog", "run_fit"]

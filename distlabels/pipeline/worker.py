@@ -5,7 +5,9 @@ torch's thread count (Dask's nanny sets OMP_NUM_THREADS=1, so torch must be told
 the worker's slot owns), picks the device (``cuda:0`` on a dask-cuda worker: its rotated
 ``CUDA_VISIBLE_DEVICES`` makes its own GPU device 0) and sizes kernel batches from the GPU's free
 memory. ``fit_task`` reads one partition, fits it with :func:`fit_partition` and writes its catalog
-fragment exactly once (see :mod:`distlabels.io.location`).
+fragment exactly once (see :mod:`distlabels.io.location`); ``fit_packed_task`` does the same for several
+partitions in one kernel call (GPU runs: store fragments hold a few thousand rows, a GPU wants tens of
+thousands per batch).
 """
 from __future__ import annotations
 
@@ -147,34 +149,71 @@ def read_rows(store_root: str, part: Partition) -> pa.Table:
 def fit_task(part: Partition, store_root: str, catalog_url: str, config: FitConfig, grid: GridSpec,
              provenance: dict[str, Any]) -> dict[str, Any]:
     """One task: read a partition, fit it, write its catalog fragment (skipped if already complete)."""
+    return fit_packed_task([part], store_root, catalog_url, config, grid, provenance)[0]
+
+
+def fit_packed_task(parts: list[Partition], store_root: str, catalog_url: str, config: FitConfig, grid: GridSpec,
+                    provenance: dict[str, Any]) -> list[dict[str, Any]]:
+    """Partitions fitted in one kernel call (a GPU batch from several store fragments), each written to
+    its own catalog fragment exactly once (those already complete are skipped). One record each."""
     import json
 
     from distributed import get_worker
 
     loc = Location.cached(catalog_url)
-    rel = fragment_rel(part)
-    if loc.is_complete(rel):
-        return {"partition": partition_id(part), "fragment": part.fragment, "n_rows": part.n_rows, "skipped": True}
+    records: list[dict[str, Any]] = []
+    todo = []
+    for part in parts:
+        if loc.is_complete(fragment_rel(part)):
+            records.append({"partition": partition_id(part), "fragment": part.fragment, "n_rows": part.n_rows,
+                            "skipped": True})
+        else:
+            todo.append(part)
+    if not todo:
+        return records
     worker = get_worker()
     plugin = worker.plugins[PLUGIN_NAME]
     if plugin.error:
         raise RuntimeError(plugin.error)
     cfg = plugin.config_for(config, grid)
     t0 = time.perf_counter()
-    table = read_rows(store_root, part)
+    tables = [read_rows(store_root, part) for part in todo]
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
     t1 = time.perf_counter()
     out = fit_partition(table, plugin.model, cfg, grid, plugin.device)
     t2 = time.perf_counter()
-    if loc.is_url:
-        loc.write_table(rel, out, {"distlabels": json.dumps(provenance, default=str)})
-    else:   # temp name + fsync + atomic rename, through the catalog's own writer
-        write_catalog_fragment(loc.path, part.norder, part.npix, part.name, out, provenance)
-    t3 = time.perf_counter()
-    return {"partition": partition_id(part), "fragment": part.fragment, "row_start": part.row_start, "n_rows": part.n_rows,
-            "skipped": False, "read_s": t1 - t0, "fit_s": t2 - t1, "write_s": t3 - t2,
-            "fit_spectra_per_s": part.n_rows / (t2 - t1) if t2 > t1 else None, "worker": worker.address,
-            "device": plugin.device, "batch_size": cfg.batch_size}
+    start = 0
+    for part, piece in zip(todo, tables):
+        rows = out.slice(start, piece.num_rows)
+        start += piece.num_rows
+        tw = time.perf_counter()
+        if loc.is_url:
+            loc.write_table(fragment_rel(part), rows, {"distlabels": json.dumps(provenance, default=str)})
+        else:   # temp name + fsync + atomic rename, through the catalog's own writer
+            write_catalog_fragment(loc.path, part.norder, part.npix, part.name, rows, provenance)
+        share = piece.num_rows / max(table.num_rows, 1)        # a packed task's read and fit time, by rows
+        records.append({"partition": partition_id(part), "fragment": part.fragment, "row_start": part.row_start,
+                        "n_rows": part.n_rows, "skipped": False, "read_s": (t1 - t0) * share,
+                        "fit_s": (t2 - t1) * share, "write_s": time.perf_counter() - tw,
+                        "fit_spectra_per_s": table.num_rows / (t2 - t1) if t2 > t1 else None,
+                        "worker": worker.address, "device": plugin.device, "batch_size": cfg.batch_size,
+                        "packed_with": len(todo)})
+    return records
 
 
-__all__ = ["ModelPlugin", "PLUGIN_NAME", "batch_shape", "fit_task", "fragment_rel", "partition_id", "plugin_class", "plugin_info",
-           "read_rows"]
+def pack_partitions(parts: list[Partition], max_rows: int) -> list[list[Partition]]:
+    """Consecutive partitions in groups of at most ``max_rows`` rows (a partition larger than that alone)."""
+    groups: list[list[Partition]] = []
+    rows = 0
+    for part in parts:
+        if groups and rows + part.n_rows <= max_rows:
+            groups[-1].append(part)
+            rows += part.n_rows
+        else:
+            groups.append([part])
+            rows = part.n_rows
+    return groups
+
+
+__all__ = ["ModelPlugin", "PLUGIN_NAME", "batch_shape", "fit_packed_task", "fit_task", "fragment_rel", "pack_partitions",
+           "partition_id", "plugin_class", "plugin_info", "read_rows"]

@@ -79,12 +79,12 @@ def test_verify_needs_the_store(capsys):
     assert len(err) == 1 and err[0].startswith("distlabels: error: verify needs --spectra")
 
 
-@pytest.mark.parametrize("extra, rows", [([], 500), (["--device", "cpu"], 500), (["--cluster", "local-cuda"], 10000),
-                                         (["--device", "cuda"], 10000),
+@pytest.mark.parametrize("extra, rows", [([], 500), (["--device", "cpu"], 500), (["--cluster", "local-cuda"], 32768),
+                                         (["--device", "cuda"], 32768),
                                          (["--cluster", "local-cuda", "--task-rows", "2000"], 2000)])
 def test_task_rows_default_follows_the_device(extra, rows):
-    # A GPU batch costs ~1 s of host work up to ~8,000 stars (benchmarks/RESULTS.md, H100): GPU runs
-    # default to tasks of 10,000 spectra, CPU runs to 500; an explicit --task-rows always wins.
+    # An H100 fits ~7,000 spectra/s in batches of 8,192 and ~20,000 at 49,152 (benchmarks/RESULTS.md): GPU
+    # runs default to tasks of 32,768 spectra, CPU runs to 500; an explicit --task-rows always wins.
     ns = build_parser().parse_args(["fit", "--model", "m", "--spectra", "s", "--out", "o"] + extra)
     assert run_config(_apply_yaml(ns, ns.parser)).task_rows == rows
 
@@ -92,6 +92,6 @@ def test_task_rows_default_follows_the_device(extra, rows):
 def test_run_config_resolves_the_task_rows_default_itself():
     # The same default for library users (run_fit(..., RunConfig(cluster="local-cuda"))) as for the CLI.
     assert RunConfig().task_rows == 500 and RunConfig(device="cpu").task_rows == 500
-    assert RunConfig(cluster="local-cuda").task_rows == 10000
-    assert RunConfig(cluster="tcp://h:8786", device="cuda").task_rows == 10000
+    assert RunConfig(cluster="local-cuda").task_rows == 32768
+    assert RunConfig(cluster="tcp://h:8786", device="cuda").task_rows == 32768
     assert RunConfig(cluster="local-cuda", task_rows=64).task_rows == 64

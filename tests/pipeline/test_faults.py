@@ -172,6 +172,25 @@ def test_poison_partition_is_recorded_and_the_rest_finish(tmp_path, client, boss
     assert err[0].startswith("distlabels: error:") and "_failures.parquet" in err[0] and "re-run" in err[0]
 
 
+def test_poison_partition_in_a_pack_does_not_take_its_pack_mates_down(tmp_path, client, bossbrain_model_dir,
+                                                                        poison_store):
+    """Partitions packed 3 to a task: the pack holding the poisoned fragment fails after its retries, its
+    partitions are submitted again one per task, and only the poisoned ones end in _failures.parquet."""
+    root, victim = poison_store
+    out = tmp_path / "cat"
+    parts = open_store(root).partitions(4)
+    rel = victim.relative_to(root).as_posix()
+    bad = [p for p in parts if p.fragment == rel]
+    s = run_fit(bossbrain_model_dir, root, out, cheap_run(retries=0, pack_rows=12), client=client)
+    assert s.status == "failed" and s.n_failed == len(bad) and s.n_done == len(parts) - len(bad)
+    failures = pq.read_table(out / paths.FAILURES_FILE).to_pylist()
+    assert sorted(f["partition"] for f in failures) == sorted(f"Norder={p.norder}/Npix={p.npix}/{p.name}" for p in bad)
+    events = [json.loads(line)["event"] for line in (out / paths.RUN_LOG).read_text().splitlines()]
+    assert events.count("pack_failed") >= 1 and events.count("partition_done") == s.n_done
+    rep = verify_catalog(str(out), str(root))
+    assert rep.n_missing == sum(p.n_rows for p in bad) and rep.n_duplicated_ids == 0
+
+
 def _yaml(tmp_path):
     f = tmp_path / "cheap.yaml"
     f.write_text(CHEAP_YAML)

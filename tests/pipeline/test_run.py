@@ -1,6 +1,8 @@
 """A real fit run on a 2-worker LocalCluster, checked against the mock's truth."""
 from __future__ import annotations
 
+import json
+
 import duckdb
 import numpy as np
 import pandas as pd
@@ -86,3 +88,32 @@ def test_fit_partition_alone_matches_the_cluster_run(fitted_catalog, bossbrain_m
     err = written.column("teff_err").to_numpy()
     ok = np.isfinite(b)
     np.testing.assert_array_less(np.abs(a[ok] - b[ok]), 0.05 * err[ok] + 1e-3)
+
+
+def test_packed_tasks_write_the_same_catalog(fitted_catalog, bossbrain_model_dir, mock_store, client, tmp_path):
+    """Partitions packed into tasks of up to 130 rows (as GPU runs do by default: one kernel call for
+    several fragments) write one catalog fragment per partition with the rows, flags and labels of
+    the one-partition-per-task run (labels within 0.05 sigma: a batch shares its approximate curvature)."""
+    from distlabels.pipeline.run import pack_rows_for
+    from distlabels.pipeline.worker import pack_partitions
+
+    parts = open_store(mock_store).partitions(40)
+    packs = pack_partitions(parts, 130)
+    assert len(packs) < len(parts) and max(sum(p.n_rows for p in g) for g in packs) <= 130
+    assert pack_rows_for(RunConfig()) == 0 and pack_rows_for(RunConfig(cluster="local-cuda")) == 32768
+    out = tmp_path / "packed"
+    s = run_fit(bossbrain_model_dir, mock_store, out, RunConfig(task_rows=40, pack_rows=130, progress=False),
+                client=client)
+    assert s.status == "complete" and s.n_done == len(parts) and s.n_failed == 0
+    assert sorted(p.name for p in out.rglob("*.parquet") if "Npix=" in str(p.parent)) == \
+        sorted(p.name for p in fitted_catalog[0].rglob("*.parquet") if "Npix=" in str(p.parent))
+    log = [json.loads(line) for line in (out / paths.RUN_LOG).read_text().splitlines()]
+    assert max(r.get("packed_with", 0) for r in log) > 1                   # packs really ran
+    a = _catalog_df(out).set_index("source_id").sort_index()
+    b = _catalog_df(fitted_catalog[0]).set_index("source_id").sort_index()
+    assert a.index.tolist() == b.index.tolist()
+    np.testing.assert_array_equal(a["flags"].to_numpy(), b["flags"].to_numpy())
+    for name in ("teff", "logg", "mh"):
+        ok = np.isfinite(b[name].to_numpy())
+        dev = np.abs(a[name].to_numpy()[ok] - b[name].to_numpy()[ok]) / b[f"{name}_err"].to_numpy()[ok]
+        assert float(dev.max()) < 0.05, (name, dev.max())
