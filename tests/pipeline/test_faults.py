@@ -98,9 +98,15 @@ def test_run_interrupted_then_killed_then_resumed(tmp_path, client, bossbrain_mo
                 return
         raise AssertionError("the run ended before it started fitting")
 
-    # 1. Ctrl-C after the first fragment.
-    p = subprocess.Popen(_fit_cmd(cfg_file, bossbrain_model_dir, interrupt_store, out_url), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    # 1. Ctrl-C after the first fragment. A suite started in the background without job control (`cmd &`
+    # in a script) has SIGINT ignored, which a child inherits through exec, and the run would then
+    # ignore the Ctrl-C; a signal with a handler here is reset to the default in the child instead.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        p = subprocess.Popen(_fit_cmd(cfg_file, bossbrain_model_dir, interrupt_store, out_url), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         started(p)
         _wait(lambda: len(loc.completed()) >= 1 or p.poll() is not None, 120, "a first fragment", poll=0.005)
