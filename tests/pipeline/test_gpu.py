@@ -42,7 +42,8 @@ def test_local_cuda_run_one_worker_per_gpu(tmp_path, bossbrain_model_dir, small_
     # this process; the check at the end can only speak for run_fit when none existed before.
     had_context = torch.cuda.is_initialized()
     out = tmp_path / "cat"
-    s = run_fit(bossbrain_model_dir, small_store, out, cheap_run(cluster="local-cuda", device="cuda"))
+    # Packs of three 4-row partitions: one kernel call each, written back to one fragment per partition.
+    s = run_fit(bossbrain_model_dir, small_store, out, cheap_run(cluster="local-cuda", device="cuda", pack_rows=12))
     assert s.status == "complete" and s.n_failed == 0
     rep = verify_catalog(str(out), str(small_store))
     assert rep.ok, rep.problems
@@ -55,6 +56,7 @@ def test_local_cuda_run_one_worker_per_gpu(tmp_path, bossbrain_model_dir, small_
     assert len({w["gpu_uuid"] for w in workers}) == n_gpu
     # Batches were sized from free memory (capped by the task size), not the CPU default.
     assert all(t["device"] == "cuda:0" for t in run["partition_timings"] if not t.get("skipped"))
+    assert max(t.get("packed_with", 1) for t in run["partition_timings"]) > 1
     assert all(w["batch_size"] == cheap_run().task_rows for w in workers if "batch_size" in w)
     # The client process itself never made a CUDA context (run this file alone to check it).
     if not had_context:
