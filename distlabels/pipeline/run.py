@@ -2,10 +2,11 @@
 
 One task per partition (a row range of a store fragment, sized by ``task_rows`` so that a task
 computes for seconds), or on GPUs per pack of consecutive partitions (``pack_rows``: one kernel call
-for several fragments' rows, each partition still its own catalog fragment); the model is loaded once per worker by a ``WorkerPlugin``; every finished
-task writes its own catalog fragment exactly once under a deterministic name (temporary name and
-atomic rename on a file system, one whole-object write plus a completion marker on object
-storage: :mod:`distlabels.io.location`), so a re-run processes only what is missing and a retried
+for several fragments' rows, each partition still its own catalog fragment); the model is loaded
+once per worker by a ``WorkerPlugin``; every finished partition is written to its own catalog
+fragment exactly once under a deterministic name (temporary name and atomic rename on a file
+system, one whole-object write plus a completion marker on object storage:
+:mod:`distlabels.io.location`), so a re-run processes only what is missing and a retried
 or duplicated task cannot duplicate rows. ``_run.json`` records what the catalog was made from
 (model sha256, config hash, store manifest) and refuses a re-run with other inputs; it also keeps
 per-partition timings and every run's summary. ``_run.log.jsonl`` has one JSON record per finished
@@ -236,8 +237,7 @@ def _execute(client, todo: list[Partition], store: SpectraStore, loc: Location, 
             if fut.status == "error" and len(group) > 1:
                 exc = fut.exception()
                 event(logger, logging.WARNING, "pack_failed", f"a pack of {len(group)} partitions failed; "
-                      "fitting them one per task", partitions=[partition_id(p) for p in group],
-                      error=" ".join(f"{type(exc).__name__}: {exc}".split())[:2000])
+                      "fitting them one per task", partitions=[partition_id(p) for p in group], error=_one_line(exc))
                 for part in group:
                     f = client.submit(fit_packed_task, [part], key=f"fit-{partition_id(part)}-alone-{token}", **kw)
                     by_key[f.key] = [part]
@@ -249,7 +249,7 @@ def _execute(client, todo: list[Partition], store: SpectraStore, loc: Location, 
                 part = group[0]
                 exc = fut.exception()
                 attempts = killed_attempts if type(exc).__name__ == "KilledWorker" else cfg.retries + 1
-                error = " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
+                error = _one_line(exc)
                 summary.n_failed += 1
                 summary.failures.append({"partition": partition_id(part), "fragment": part.fragment,
                                          "row_start": part.row_start, "row_stop": part.row_stop,
@@ -275,6 +275,11 @@ def _execute(client, todo: list[Partition], store: SpectraStore, loc: Location, 
         if pending:                                   # interrupted: stop the cluster's work now
             client.cancel(pending)
     return timings
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line of at most 2,000 characters (for the run log and _failures.parquet)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
 
 
 def _write_failures(loc: Location, failures: list[dict[str, Any]]) -> None:

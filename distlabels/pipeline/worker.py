@@ -4,10 +4,10 @@
 torch's thread count (Dask's nanny sets OMP_NUM_THREADS=1, so torch must be told how many threads
 the worker's slot owns), picks the device (``cuda:0`` on a dask-cuda worker: its rotated
 ``CUDA_VISIBLE_DEVICES`` makes its own GPU device 0) and sizes kernel batches from the GPU's free
-memory. ``fit_task`` reads one partition, fits it with :func:`fit_partition` and writes its catalog
-fragment exactly once (see :mod:`distlabels.io.location`); ``fit_packed_task`` does the same for several
-partitions in one kernel call (GPU runs: store fragments hold a few thousand rows, a GPU wants tens of
-thousands per batch).
+memory. ``fit_packed_task`` reads one or more partitions, fits them with :func:`fit_partition` in one
+kernel call (GPU runs pack several: store fragments hold a few thousand rows, a GPU wants tens of
+thousands per batch) and writes each partition's catalog fragment exactly once (see
+:mod:`distlabels.io.location`).
 """
 from __future__ import annotations
 
@@ -146,12 +146,6 @@ def read_rows(store_root: str, part: Partition) -> pa.Table:
     return pf.read_row_groups(groups).slice(part.row_start - first, part.n_rows)
 
 
-def fit_task(part: Partition, store_root: str, catalog_url: str, config: FitConfig, grid: GridSpec,
-             provenance: dict[str, Any]) -> dict[str, Any]:
-    """One task: read a partition, fit it, write its catalog fragment (skipped if already complete)."""
-    return fit_packed_task([part], store_root, catalog_url, config, grid, provenance)[0]
-
-
 def fit_packed_task(parts: list[Partition], store_root: str, catalog_url: str, config: FitConfig, grid: GridSpec,
                     provenance: dict[str, Any]) -> list[dict[str, Any]]:
     """Partitions fitted in one kernel call (a GPU batch from several store fragments), each written to
@@ -215,5 +209,5 @@ def pack_partitions(parts: list[Partition], max_rows: int) -> list[list[Partitio
     return groups
 
 
-__all__ = ["ModelPlugin", "PLUGIN_NAME", "batch_shape", "fit_packed_task", "fit_task", "fragment_rel", "pack_partitions",
+__all__ = ["ModelPlugin", "PLUGIN_NAME", "batch_shape", "fit_packed_task", "fragment_rel", "pack_partitions",
            "partition_id", "plugin_class", "plugin_info", "read_rows"]

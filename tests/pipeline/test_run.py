@@ -16,6 +16,8 @@ from distlabels.fit import NOT_FITTED, Flag
 from distlabels.io.store import open_store
 from distlabels.models import load
 from distlabels.pipeline import GridSpec, fit_partition, run_fit
+from distlabels.pipeline.run import pack_rows_for
+from distlabels.pipeline.worker import pack_partitions
 from tests.conftest import BAD_ROWS
 
 
@@ -94,9 +96,6 @@ def test_packed_tasks_write_the_same_catalog(fitted_catalog, bossbrain_model_dir
     """Partitions packed into tasks of up to 130 rows (as GPU runs do by default: one kernel call for
     several fragments) write one catalog fragment per partition with the rows, flags and labels of
     the one-partition-per-task run (labels within 0.05 sigma: a batch shares its approximate curvature)."""
-    from distlabels.pipeline.run import pack_rows_for
-    from distlabels.pipeline.worker import pack_partitions
-
     parts = open_store(mock_store).partitions(40)
     packs = pack_partitions(parts, 130)
     assert len(packs) < len(parts) and max(sum(p.n_rows for p in g) for g in packs) <= 130
