@@ -1,6 +1,8 @@
 """The fitting kernel on a real trained emulator (bossbrain) and on analytic cases."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,8 @@ import torch
 from distlabels.config import FitConfig, MockConfig
 from distlabels.errors import DistlabelsError
 from distlabels.fit import Flag, SpectrumFitter, fit_spectra
+from distlabels.fit.forward import RUNS_MIN_ROWS
+from distlabels.fit.lm import pinv_hermitian
 from distlabels.fit.working_grid import build_working_grid
 from distlabels.io.store import list_to_numpy
 from distlabels.io.wavelength import survey_grid
@@ -38,25 +42,24 @@ def test_lsf_width_matches_resolving_power():
 
 def test_jacobian_matches_finite_differences(bossbrain_model):
     """Analytic Jacobian of the full forward model (network, Doppler interpolation, continuum)."""
-    model = bossbrain_model.double()
-    try:
-        wave, res, seg = survey_grid("lamost")
-        f = SpectrumFitter(model, wave, resolution=res, segments=seg, config=FitConfig(library_size=8))
-        rng = np.random.default_rng(1)
-        x = torch.as_tensor(rng.uniform(-0.3, 0.3, (2, model.n_labels)))
-        v = torch.tensor([[13.3], [-41.7]], dtype=torch.float64)
-        c = torch.as_tensor(rng.normal(0, 0.1, (2, f.n_cont)))
-        c[:, 0] += 1.0
-        p = torch.cat([x, v, c], 1)
-        _, jac = f.fwd.evaluate(p, jac=True)
-        for k in list(range(0, model.n_labels, 5)) + [model.n_labels, model.n_labels + 2]:
-            h = 1e-6 if k != model.n_labels else 1e-4   # RV: stay inside one interpolation segment
-            dp = torch.zeros_like(p)
-            dp[:, k] = h
-            fd = (f.fwd.evaluate(p + dp, jac=False)[0] - f.fwd.evaluate(p - dp, jac=False)[0]) / (2 * h)
-            np.testing.assert_allclose(jac[:, k].numpy(), fd.numpy(), atol=1e-6 * float(fd.abs().max()) + 1e-9)
-    finally:
-        bossbrain_model.float()
+    # A float64 copy: converting the session's shared model and back leaves its weights in another memory
+    # layout, which changes float32 rounding (and so the mock spectra) of every later test.
+    model = copy.deepcopy(bossbrain_model).double()
+    wave, res, seg = survey_grid("lamost")
+    f = SpectrumFitter(model, wave, resolution=res, segments=seg, config=FitConfig(library_size=8))
+    rng = np.random.default_rng(1)
+    x = torch.as_tensor(rng.uniform(-0.3, 0.3, (2, model.n_labels)))
+    v = torch.tensor([[13.3], [-41.7]], dtype=torch.float64)
+    c = torch.as_tensor(rng.normal(0, 0.1, (2, f.n_cont)))
+    c[:, 0] += 1.0
+    p = torch.cat([x, v, c], 1)
+    _, jac = f.fwd.evaluate(p, jac=True)
+    for k in list(range(0, model.n_labels, 5)) + [model.n_labels, model.n_labels + 2]:
+        h = 1e-6 if k != model.n_labels else 1e-4   # RV: stay inside one interpolation segment
+        dp = torch.zeros_like(p)
+        dp[:, k] = h
+        fd = (f.fwd.evaluate(p + dp, jac=False)[0] - f.fwd.evaluate(p - dp, jac=False)[0]) / (2 * h)
+        np.testing.assert_allclose(jac[:, k].numpy(), fd.numpy(), atol=1e-6 * float(fd.abs().max()) + 1e-9)
 
 
 def test_noiseless_spectra_recover_truth(bossbrain_model):
@@ -148,8 +151,6 @@ def test_native_grid_interpolation_and_its_transpose(bossbrain_model, n_rows):
     """On the model's own pixels the CPU interpolates few rows (a model, a gradient) with gather/scatter and
     many (a Jacobian) run by run: both give linear interpolation at the Doppler-shifted positions that
     numpy finds on the float64 log-wavelength grid, and the transpose is the adjoint (<Ax, u> = <x, A^T u>)."""
-    from distlabels.fit.forward import RUNS_MIN_ROWS
-
     _, meta = make_mock(bossbrain_model, MockConfig(n=2, snr_min=50, snr_max=50, seed=3, grid="model", normalized=True))
     f = SpectrumFitter(bossbrain_model, meta["wavelength_aa"], wavelength_medium=meta["wavelength_medium"],
                        resolution=meta["resolution"], config=FitConfig(continuum_degree=-1, masks="none"))
@@ -194,8 +195,6 @@ def test_jacobian_chunks_change_nothing(bossbrain_model, mock_snr50):
 def test_pinv_in_batches_equals_numpy():
     """Pseudo-inverses taken a few matrices per call (cuSOLVER's batched eigensolver failed on 65,536 at
     once) equal numpy's, for full-rank and rank-deficient symmetric matrices alike."""
-    from distlabels.fit.lm import pinv_hermitian
-
     rng = np.random.default_rng(4)
     b = rng.normal(size=(10, 6, 4))
     A = b @ b.transpose(0, 2, 1)                        # rank 4 of 6

@@ -49,31 +49,30 @@ def _inner_star(model, rng, margin=0.3):
 
 def test_broadening_jacobian_matches_finite_differences(bossbrain_model):
     """Analytic derivatives with vsini (q = vsini^2) and an extra LSF width (s = sigma^2) fitted."""
-    model = bossbrain_model.double()
-    try:
-        wave, res, seg = LAMOST
-        f = SpectrumFitter(model, wave, resolution=res, segments=seg,
-                           config=FitConfig(fit_vsini=True, fit_lsf=True, library_size=16, cpu_matmul="torch"))
-        fwd = f.fwd
-        p = f.params_from(model.training_labels[:2], [13.3, -41.7], vsini_kms=[120.0, 35.0])
-        p[:, fwd.i_s] = torch.tensor([900.0, 2500.0], dtype=torch.float64)
-        p[:, fwd.i_c + 1] = 0.05
-        _, jac = fwd.evaluate(p, jac=True)
-        for k, h in [(0, 1e-6), (2, 1e-6), (fwd.i_v, 1e-4), (fwd.i_q, 1.0), (fwd.i_s, 1.0), (fwd.i_c + 1, 1e-6)]:
-            dp = torch.zeros_like(p)
-            dp[:, k] = h
-            fd = (fwd.evaluate(p + dp, jac=False)[0] - fwd.evaluate(p - dp, jac=False)[0]) / (2 * h)
-            np.testing.assert_allclose(jac[:, k].numpy(), fd.numpy(), atol=1e-6 * float(fd.abs().max()), rtol=0)
-        # At vsini = 0 the q-derivative is finite and right (one-sided difference).
-        p[:, fwd.i_q] = 0.0
-        _, jac0 = fwd.evaluate(p, jac=True)
+    # A float64 copy: converting the session's shared model and back changes its weights' memory layout
+    # and so the float32 rounding of every later test.
+    model = copy.deepcopy(bossbrain_model).double()
+    wave, res, seg = LAMOST
+    f = SpectrumFitter(model, wave, resolution=res, segments=seg,
+                       config=FitConfig(fit_vsini=True, fit_lsf=True, library_size=16, cpu_matmul="torch"))
+    fwd = f.fwd
+    p = f.params_from(model.training_labels[:2], [13.3, -41.7], vsini_kms=[120.0, 35.0])
+    p[:, fwd.i_s] = torch.tensor([900.0, 2500.0], dtype=torch.float64)
+    p[:, fwd.i_c + 1] = 0.05
+    _, jac = fwd.evaluate(p, jac=True)
+    for k, h in [(0, 1e-6), (2, 1e-6), (fwd.i_v, 1e-4), (fwd.i_q, 1.0), (fwd.i_s, 1.0), (fwd.i_c + 1, 1e-6)]:
         dp = torch.zeros_like(p)
-        dp[:, fwd.i_q] = 1.0
-        fd = fwd.evaluate(p + dp, jac=False)[0] - fwd.evaluate(p, jac=False)[0]
-        assert float(fd.abs().max()) > 0
-        np.testing.assert_allclose(jac0[:, fwd.i_q].numpy(), fd.numpy(), atol=0.02 * float(fd.abs().max()), rtol=0)
-    finally:
-        bossbrain_model.float()
+        dp[:, k] = h
+        fd = (fwd.evaluate(p + dp, jac=False)[0] - fwd.evaluate(p - dp, jac=False)[0]) / (2 * h)
+        np.testing.assert_allclose(jac[:, k].numpy(), fd.numpy(), atol=1e-6 * float(fd.abs().max()), rtol=0)
+    # At vsini = 0 the q-derivative is finite and right (one-sided difference).
+    p[:, fwd.i_q] = 0.0
+    _, jac0 = fwd.evaluate(p, jac=True)
+    dp = torch.zeros_like(p)
+    dp[:, fwd.i_q] = 1.0
+    fd = fwd.evaluate(p + dp, jac=False)[0] - fwd.evaluate(p, jac=False)[0]
+    assert float(fd.abs().max()) > 0
+    np.testing.assert_allclose(jac0[:, fwd.i_q].numpy(), fd.numpy(), atol=0.02 * float(fd.abs().max()), rtol=0)
 
 
 def test_vsini_recovered_on_rotating_mocks(bossbrain_model):
